@@ -1,0 +1,14 @@
+"""attend-robust: structural attention masks, the HackAttend attack and S-Attend training."""
+
+from .adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter
+from .masked_model import SALIENCY_METHODS, AttentionMaskedModel
+
+from ._version import __version__
+
+__all__ = [
+    "SALIENCY_METHODS",
+    "SUPPORTED_MODEL_TYPES",
+    "ArchitectureAdapter",
+    "AttentionMaskedModel",
+    "__version__",
+]

