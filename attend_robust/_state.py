@@ -79,8 +79,7 @@ class ForwardPlan:
         if layer >= self.num_layers:
             raise RuntimeError(
                 f"Attention was called for layer {layer}, but the model has {self.num_layers} attention "
-                "layers. Gradient checkpointing recomputes attention during the backward pass and is not "
-                "supported while masks are applied: call `model.gradient_checkpointing_disable()`."
+                "layers; the model's attention does not follow the layout its adapter expects."
             )
         return layer
 

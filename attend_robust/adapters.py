@@ -86,7 +86,9 @@ def masked_attention_forward(
         unit_keep, gates, capture = plan.layer_keep(layer), plan.layer_gates(layer), plan.capture
 
     scores, emptied_rows = apply_keep_and_gates(scores, attention_mask, unit_keep)
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Half-precision scores are normalised in float32, as Llama's eager attention does.
+    softmax_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    probabilities = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
     probabilities = finish_probabilities(probabilities, emptied_rows, gates, capture, layer)
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
 

@@ -123,6 +123,12 @@ class AttentionMaskedModel(nn.Module):
         """Run the model's forward with `plan` applied to its attention."""
         if not self._installed:
             raise RuntimeError("This AttentionMaskedModel was unwrapped; wrap the model again to apply masks.")
+        if self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+            # Checkpointed layers recompute attention during backward, after the plan is gone.
+            raise RuntimeError(
+                "Attention masks cannot be applied while gradient checkpointing is enabled in training mode: "
+                "call `model.gradient_checkpointing_disable()` or put the model in eval mode."
+            )
         with activate(plan):
             outputs = self.model(*args, **inputs)
         if plan.calls != self.num_layers:
