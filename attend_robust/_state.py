@@ -29,12 +29,22 @@ class UnitMaskSource(Protocol):
 
 @dataclass
 class DenseUnitMask:
-    """A keep-mask given as one tensor broadcastable to `[N, L, H, S, S]`."""
+    """A keep-mask given as one tensor broadcastable to `[N, L, H, S, S]`.
 
-    keep: torch.Tensor  # [N or 1, L, H or 1, S or 1, S or 1]
+    Layers whose mask keeps every unit are reported as unmasked (`None`), so an all-keep layer
+    costs no more than the unwrapped model.
+    """
+
+    keep: torch.Tensor  # [N or 1, L or 1, H or 1, S or 1, S or 1]
+    _masked_layers: list[bool] | None = field(default=None, init=False, repr=False)
 
     def layer_keep(self, layer: int) -> torch.Tensor | None:
-        return self.keep[:, layer]
+        if self._masked_layers is None:
+            per_layer = self.keep.transpose(0, 1).reshape(self.keep.shape[1], -1)
+            fully_kept = per_layer.all(dim=-1) if self.keep.dtype == torch.bool else (per_layer == 1).all(dim=-1)
+            self._masked_layers = (~fully_kept).tolist()
+        index = 0 if self.keep.shape[1] == 1 else layer
+        return self.keep[:, index] if self._masked_layers[index] else None
 
 
 @dataclass
@@ -125,9 +135,9 @@ def apply_keep_and_gates(
     A float `unit_keep` in `[0, 1]` scales each unit's unnormalised weight (a continuous mask).
     """
     fill_value = torch.finfo(scores.dtype).min
-    if base_keep is not None:
-        scores = scores.masked_fill(~base_keep, fill_value)
     if unit_keep is None:
+        if base_keep is not None:
+            scores = scores.masked_fill(~base_keep, fill_value)
         return scores, None
 
     if unit_keep.dtype == torch.bool:
@@ -136,9 +146,9 @@ def apply_keep_and_gates(
         # log(M) added to the scores multiplies exp(score) by M; M = 0 becomes the fill value.
         unit_bool = unit_keep > 0
         scores = scores + torch.log(unit_keep.to(scores.dtype).clamp_min(torch.finfo(scores.dtype).tiny))
-    scores = scores.masked_fill(~unit_bool, fill_value)
-
     keep = unit_bool if base_keep is None else unit_bool & base_keep
+    scores = scores.masked_fill(~keep, fill_value)
+
     emptied = ~keep.any(dim=-1, keepdim=True)
     if base_keep is not None:
         emptied = emptied & base_keep.any(dim=-1, keepdim=True)
