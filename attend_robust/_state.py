@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -76,8 +76,14 @@ class ForwardPlan:
     unit_mask: UnitMaskSource | None = None
     head_gates: torch.Tensor | None = None  # [N or 1, L, H]
     capture: SaliencyCapture | None = None
+    # Prefix reuse (see `_prefix`): blocks to skip, and where to record the clean blocks' outputs.
+    prefix: Any = None
+    recorded_blocks: dict[int, Any] | None = None
+    attention_layers_per_block: int = 1
     # Number of attention calls so far in this forward, for modules without a fixed layer index.
     calls: int = 0
+    block_calls: int = 0
+    blocks_computed: int = 0
 
     def next_layer(self, module: torch.nn.Module) -> int:
         """Return the layer index of the attention call that is starting now."""

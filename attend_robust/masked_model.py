@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ._prefix import PrefixReuse, find_blocks, install_block_wrappers, remove_block_wrappers
 from ._state import DenseUnitMask, ForwardPlan, SaliencyCapture, UnitMaskSource, activate
 from .adapters import ArchitectureAdapter, adapter_for
 
@@ -60,20 +61,33 @@ class AttentionMaskedModel(nn.Module):
         self.adapter: ArchitectureAdapter = adapter_for(model)
         self.num_layers = self.adapter.num_attention_layers(model.config)
         self.num_heads = self.adapter.num_heads(model.config)
+        # Transformer blocks, for prefix reuse; a block may hold several attention layers (ALBERT).
+        self.num_blocks = int(model.config.num_hidden_layers)
+        self.attention_layers_per_block = self.num_layers // self.num_blocks
+        self._blocks = find_blocks(model, self.num_blocks) if self.num_layers % self.num_blocks == 0 else None
         self._installed = False
         self._install()
+
+    @property
+    def supports_prefix_reuse(self) -> bool:
+        """Whether a forward pass can start at a given block from recorded hidden states."""
+        return self._blocks is not None
 
     # ------------------------------------------------------------------ lifecycle
 
     def _install(self) -> None:
         if not self._installed:
             self.adapter.install(self.model)
+            if self._blocks is not None:
+                install_block_wrappers(self._blocks)
             self._installed = True
 
     def unwrap(self) -> PreTrainedModel:
         """Remove every change made to the model and return it."""
         if self._installed:
             self.adapter.uninstall(self.model)
+            if self._blocks is not None:
+                remove_block_wrappers(self._blocks)
             self._installed = False
         return self.model
 
@@ -145,8 +159,14 @@ class AttentionMaskedModel(nn.Module):
         unit_mask: torch.Tensor | UnitMaskSource | None = None,
         head_gates: torch.Tensor | None = None,
         capture: SaliencyCapture | None = None,
+        prefix: PrefixReuse | None = None,
+        record_blocks: bool = False,
     ) -> ForwardPlan:
-        """Validate `unit_mask` and `head_gates` against `inputs` and build a `ForwardPlan`."""
+        """Validate `unit_mask` and `head_gates` against `inputs` and build a `ForwardPlan`.
+
+        `record_blocks=True` keeps every block's output in `plan.recorded_blocks` after the pass;
+        `prefix` skips the blocks below `prefix.start_block` (see `PrefixReuse`).
+        """
         leading, seq_len = self.input_shape(inputs)
         num_sequences = 1
         for size in leading:
@@ -158,7 +178,34 @@ class AttentionMaskedModel(nn.Module):
         else:
             source = DenseUnitMask(self._normalize_unit_mask(unit_mask, leading, num_sequences, seq_len))
         gates = None if head_gates is None else self._normalize_head_gates(head_gates, leading, num_sequences)
-        return ForwardPlan(num_layers=self.num_layers, unit_mask=source, head_gates=gates, capture=capture)
+        if prefix is not None:
+            self._check_prefix(prefix, source, gates)
+        return ForwardPlan(
+            num_layers=self.num_layers,
+            unit_mask=source,
+            head_gates=gates,
+            capture=capture,
+            prefix=prefix,
+            recorded_blocks={} if record_blocks else None,
+            attention_layers_per_block=self.attention_layers_per_block,
+        )
+
+    def _check_prefix(
+        self, prefix: PrefixReuse, source: UnitMaskSource | None, gates: torch.Tensor | None
+    ) -> None:
+        if not self.supports_prefix_reuse:
+            raise ValueError(
+                f"{type(self.model).__name__} cannot start a forward pass mid-stack; run it without `prefix`."
+            )
+        if not 0 <= prefix.start_block < self.num_blocks:
+            raise ValueError(f"prefix.start_block must be in [0, {self.num_blocks}), got {prefix.start_block}.")
+        first_layer = prefix.start_block * self.attention_layers_per_block
+        if isinstance(source, DenseUnitMask):
+            masked = [layer for layer in range(first_layer) if source.layer_keep(layer) is not None]
+            if masked:
+                raise ValueError(f"unit_mask masks layers {masked}, below prefix.start_block {prefix.start_block}.")
+        if gates is not None and bool((gates[:, :first_layer] != 1).any()):
+            raise ValueError(f"head_gates gate a layer below prefix.start_block {prefix.start_block}.")
 
     @staticmethod
     def input_shape(inputs: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:

@@ -12,6 +12,7 @@ from tiny_models import ARCHITECTURES, SDPA_ARCHITECTURES, build_tiny_model, mak
 from torch import nn
 
 from attend_robust import AttentionMaskedModel
+from attend_robust._prefix import PrefixReuse, select_rows
 from attend_robust._state import apply_keep_and_gates
 
 MULTIPLE_CHOICE_ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "deberta-v2")
@@ -437,7 +438,8 @@ def test_unwrap_restores_outputs_and_state_dict(architecture):
     state_after = model.state_dict()
     assert state_before.keys() == state_after.keys()
     assert all(torch.equal(state_before[name], state_after[name]) for name in state_before)
-    assert not model._forward_pre_hooks and all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all("forward" not in vars(m) for m in model.modules()), "a block wrapper was left behind"
 
 
 def test_save_pretrained_writes_plain_checkpoint(tmp_path):
@@ -497,3 +499,73 @@ def test_gradient_checkpointing_in_training_is_rejected():
         wrapped(**batch, unit_mask=keep, labels=torch.tensor([0, 1, 2]))
     model.eval()
     assert torch.isfinite(wrapped(**batch, unit_mask=keep).logits).all()
+
+
+# ---------------------------------------------------------------- prefix reuse
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_prefix_reuse_matches_full_forward(architecture):
+    model = build_tiny_model(architecture)
+    batch = make_batch(architecture)
+    wrapped = AttentionMaskedModel(model)
+    assert wrapped.supports_prefix_reuse
+    seq_len = batch["input_ids"].shape[1]
+    clean_plan = wrapped.make_plan(batch, record_blocks=True)
+    with torch.no_grad():
+        wrapped.run_plan(clean_plan, **batch)
+    assert sorted(clean_plan.recorded_blocks) == list(range(wrapped.num_blocks))
+
+    rows = torch.tensor([0, 0, 2, 1])  # several candidate masks per example, as a search sends them
+    queries = {name: value[rows] for name, value in batch.items()}
+    for start_block in range(1, wrapped.num_blocks):
+        keep = torch.ones(4, wrapped.num_layers, wrapped.num_heads, seq_len, seq_len, dtype=torch.bool)
+        keep[:, start_block:, 1, :, 2] = False
+        keep[1, start_block, 0, 0, :] = False
+        gates = torch.ones(4, wrapped.num_layers, wrapped.num_heads)
+        gates[2, start_block, 3] = 0
+        prefix = PrefixReuse(start_block, select_rows(clean_plan.recorded_blocks[start_block - 1], rows, 3))
+        plan = wrapped.make_plan(queries, unit_mask=keep, head_gates=gates, prefix=prefix)
+        with torch.no_grad():
+            full = wrapped(**queries, unit_mask=keep, head_gates=gates).logits
+            reused = wrapped.run_plan(plan, **queries).logits
+        torch.testing.assert_close(reused, full, atol=1e-5, rtol=0)
+        assert plan.blocks_computed == wrapped.num_blocks - start_block
+
+
+def test_prefix_reuse_with_albert_layer_groups():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                          num_hidden_groups=2, num_attention_heads=4, intermediate_size=37, num_labels=2)
+    model = AlbertForSequenceClassification(config).eval()
+    batch = make_batch("albert")
+    wrapped = AttentionMaskedModel(model)
+    clean_plan = wrapped.make_plan(batch, record_blocks=True)
+    with torch.no_grad():
+        wrapped.run_plan(clean_plan, **batch)
+    keep = torch.ones(wrapped.num_layers, wrapped.num_heads, 9, 9, dtype=torch.bool)
+    keep[3, 2, :, 1] = False
+    rows = torch.arange(3)
+    for start_block in (1, 2, 3):
+        prefix = PrefixReuse(start_block, select_rows(clean_plan.recorded_blocks[start_block - 1], rows, 3))
+        with torch.no_grad():
+            reused = wrapped.run_plan(wrapped.make_plan(batch, unit_mask=keep, prefix=prefix), **batch).logits
+            full = wrapped(**batch, unit_mask=keep).logits
+        torch.testing.assert_close(reused, full, atol=1e-5, rtol=0)
+
+
+def test_prefix_reuse_rejects_masks_below_start():
+    wrapped = AttentionMaskedModel(build_tiny_model("bert"))
+    batch = make_batch("bert")
+    keep = all_keep(wrapped, 9)
+    keep[0, 0, 0, 1] = False
+    prefix = PrefixReuse(1, None)
+    with pytest.raises(ValueError, match=r"masks layers \[0\]"):
+        wrapped.make_plan(batch, unit_mask=keep, prefix=prefix)
+    gates = torch.ones(2, 4)
+    gates[0, 1] = 0
+    with pytest.raises(ValueError, match="head_gates gate a layer below"):
+        wrapped.make_plan(batch, head_gates=gates, prefix=prefix)
+    with pytest.raises(ValueError, match=r"start_block must be in \[0, 2\)"):
+        wrapped.make_plan(batch, prefix=PrefixReuse(2, None))
