@@ -18,7 +18,7 @@ import torch
 class UnitMaskSource(Protocol):
     """Supplies the keep-mask of one layer while the encoder runs.
 
-    Implementations build each layer's mask only when that layer asks for it, so no
+    Implementations build each layer's mask only when that layer runs, so no
     `[N, L, H, S, S]` tensor has to exist. `layer_keep` returns a tensor broadcastable to
     `[N, H, S, S]` (bool, or float in `[0, 1]` for a continuous mask), or `None` when the layer
     is not masked.
@@ -70,7 +70,7 @@ class SaliencyCapture:
 
 @dataclass
 class ForwardPlan:
-    """What the attention hooks apply during one forward pass of a wrapped model."""
+    """Masks, gates and probes that the attention hooks apply during one forward pass."""
 
     num_layers: int
     unit_mask: UnitMaskSource | None = None
@@ -87,8 +87,8 @@ class ForwardPlan:
 
     def next_layer(self, module: torch.nn.Module) -> int:
         """Return the layer index of the attention call that is starting now."""
-        # Modules that know their layer (BERT, GPT-2, Llama, ...) say so; modules shared by all
-        # layers (ALBERT) or without an index (DistilBERT) are numbered in call order.
+        # Modules with a `layer_idx` (BERT, GPT-2, Llama, ...) use it. Modules shared by all layers
+        # (ALBERT) or without an index (DistilBERT) are numbered in call order.
         layer_idx = getattr(module, "layer_idx", None)
         layer = layer_idx if isinstance(layer_idx, int) else self.calls
         self.calls += 1
