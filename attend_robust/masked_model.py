@@ -290,7 +290,9 @@ class AttentionMaskedModel(nn.Module):
                   `p_ij * (g_ij - sum_k p_ik g_ik)` with `g = dL/dp`. Masking unit ij changes the loss
                   by about `-dL/dM_ij`, so the most negative values are the most harmful to mask.
                 - `"score"`: the attention probability itself (one forward pass, no gradient).
-            unit_mask, head_gates: applied during the pass, as in `forward`.
+            unit_mask (`torch.Tensor` or `UnitMaskSource`, *optional*): keep-mask applied during the
+                pass, as in `forward`.
+            head_gates (`torch.Tensor`, *optional*): head gates applied during the pass, as in `forward`.
             loss_fn (`Callable`, *optional*): `loss_fn(outputs, labels) -> scalar`, summed over
                 examples. Default: cross-entropy summed over examples (mean squared error for
                 `num_labels == 1`), which keeps each example's scores independent of the batch.
