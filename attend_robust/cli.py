@@ -1,4 +1,4 @@
-"""The `attend-robust` command line: `attack` runs HackAttend, `finetune` trains a victim model."""
+"""The `attend-robust` command line: `attack` runs HackAttend, `finetune` trains a model, `plot` draws runs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_attack_command(subparsers)
     add_finetune_command(subparsers)
+    add_plot_command(subparsers)
     return parser
+
+
+def add_plot_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    plot = subparsers.add_parser(
+        "plot",
+        help="Draw the figures of finished HackAttend runs as PNG and SVG files.",
+        description=(
+            "Draw successes by layer (failures at -1), a layers x heads heatmap of successes, the attention "
+            "map of one successful example before and after its perturbation, and, for several runs, ASR "
+            "against alpha. The plotted numbers are saved as plots.json beside the figures."
+        ),
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Output folder of `attend-robust attack`.")
+    plot.add_argument("--output-dir", default=None, help="Folder for the figures. Default: RUN_DIR/plots.")
+    plot.add_argument("--example-id", default=None,
+                      help="Example whose attention maps are drawn. Default: the first successful example.")
+    plot.add_argument("--data-dir", default=None,
+                      help="Folder with sst2/ and dream/ for the attention maps (as for `attack`).")
+    plot.add_argument("--no-attention", dest="attention", action="store_false",
+                      help="Skip the attention maps, which load the model and the dataset.")
+    plot.set_defaults(func=run_plot)
+    return plot
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_runs
+
+    result = plot_runs(
+        args.run_dirs, args.output_dir, example_id=args.example_id, attention=args.attention, data_dir=args.data_dir
+    )
+    for path in result["files"]:
+        print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
