@@ -1,0 +1,95 @@
+"""`attend-robust plot` on small HackAttend runs: files are written and match the runs' data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hackattend_support import flippy_bert, minilm_tokenizer, write_tsv
+
+from attend_robust.cli import main as cli_main
+from attend_robust.data import load_task_dataset
+from attend_robust.hackattend import HackAttendConfig
+from attend_robust.hackattend.evaluator import HackAttendEvaluator
+from attend_robust.plots import layer_success_counts, plot_runs, Run
+
+SENTENCES = [
+    ("a gripping , funny and moving film", 1), ("dull , lifeless and far too long", 0),
+    ("the best thing in the movie is its score", 1), ("a mess of a script with no heart", 0),
+    ("warm , clever and beautifully acted", 1), ("i wanted my two hours back", 0),
+    ("one of the year 's most charming surprises", 1), ("flat jokes and flatter characters", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tokenizer = minilm_tokenizer()
+    root = tmp_path_factory.mktemp("plots")
+    model_dir = root / "victim"
+    victim = flippy_bert(tokenizer.vocab_size)
+    victim.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_file = write_tsv(root / "sentences.tsv", SENTENCES)
+    dataset = load_task_dataset(str(data_file), "train")
+
+    run_dirs = []
+    for alpha in (0.05, 0.2):
+        run_dir = root / f"alpha-{alpha}"
+        info = {"model": str(model_dir), "dataset": str(data_file), "split": "train", "limit": None, "limit_seed": 0}
+        evaluator = HackAttendEvaluator(flippy_bert(tokenizer.vocab_size), tokenizer, HackAttendConfig(alpha=alpha),
+                                        output_dir=run_dir, progress=False, run_info=info)
+        evaluator.evaluate(dataset)
+        run_dirs.append(run_dir)
+    return run_dirs
+
+
+def test_plot_files_and_data_match_runs(runs, tmp_path):
+    result = plot_runs(runs, tmp_path)
+    names = {path.split("/")[-1] for path in result["files"]}
+    for stem in ("successes_by_layer", "asr_by_alpha", f"{runs[0].name}_successes_by_head"):
+        assert f"{stem}.png" in names
+        assert f"{stem}.svg" in names
+    assert any(name.startswith(f"{runs[0].name}_attention_") for name in names)
+    for path in result["files"]:
+        assert (tmp_path / path.split("/")[-1]).stat().st_size > 0
+
+    saved = json.loads((tmp_path / "plots.json").read_text())
+    for run_dir, plotted in zip(runs, saved["successes_by_layer"]):
+        report = json.loads((run_dir / "report.json").read_text())
+        assert plotted["counts"] == [report["failures"], *report["successes_by_layer"]]
+        assert sum(plotted["fractions"]) == pytest.approx(1.0)
+        assert saved["successes_by_head"][run_dir.name] == report["successes_by_head"]
+
+    points = [point for group in saved["asr_by_alpha"].values() for point in group]
+    expected = [(json.loads((r / "config.json").read_text())["alpha"],
+                 json.loads((r / "report.json").read_text())["attack_success_rate"]) for r in runs]
+    assert sorted(map(tuple, points)) == sorted(expected)
+
+
+def test_attention_maps_show_the_mask(runs, tmp_path):
+    maps = plot_runs(runs[:1], tmp_path)["data"]["attention"]
+    records = [json.loads(line) for line in (runs[0] / "records.jsonl").read_text().splitlines()]
+    record = next(r for r in records if r["example_id"] == maps["example_id"])
+    assert record["status"] == "success"
+    assert [maps["sequence"], maps["layer"], maps["head"]] == record["mask"][-1][:3]
+    assert len(maps["tokens"]) == len(maps["clean"]) == len(maps["perturbed"])
+    assert maps["masked_units"]
+    for query, key in maps["masked_units"]:
+        assert maps["perturbed"][query][key] == 0.0
+        assert maps["clean"][query][key] > 0.0
+    for row in maps["clean"]:
+        assert sum(row) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_plot_command_writes_figures(runs, tmp_path, capsys):
+    assert cli_main(["plot", str(runs[1]), "--output-dir", str(tmp_path), "--no-attention"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(tmp_path / "successes_by_layer.png") in printed
+    assert not any("attention" in path for path in printed)
+
+
+def test_plot_rejects_unfinished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="report.json not found"):
+        Run.load(tmp_path)
+    assert layer_success_counts(Run(tmp_path, {}, {"clean_correct": 0, "failures": 0, "successes_by_layer": [0, 0]},
+                                    {}))["fractions"] == [0.0, 0.0, 0.0]
