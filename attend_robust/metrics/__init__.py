@@ -8,7 +8,7 @@ and can be uploaded to the Hub unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     import evaluate
@@ -37,4 +37,30 @@ def load_metric(name: str = "hackattend", **kwargs: Any) -> evaluate.EvaluationM
     return evaluate.load(str(metric_path(name)), **kwargs)
 
 
-__all__ = ["METRIC_NAMES", "load_metric", "metric_path"]
+def metric_inputs_from_records(records: Iterable[Any]) -> dict[str, list[Any]]:
+    """Turn HackAttend records into the inputs of the `hackattend` metric's `with_costs` configuration.
+
+    `records` are `AttackRecord` objects or their dicts (lines of `records.jsonl`); skipped examples
+    are left out, as the HackAttend report leaves them out. A failed attack keeps its clean
+    prediction as the adversarial one.
+    """
+    inputs: dict[str, list[Any]] = {
+        "references": [], "predictions": [], "adversarial_predictions": [], "queries": [], "hamming_distances": []
+    }
+    for record in records:
+        values = record if isinstance(record, dict) else record.to_dict()
+        if values["status"] == "skipped":
+            continue
+        success = values["status"] == "success"
+        attacked = values["status"] in ("success", "failure")
+        inputs["references"].append(values["label"])
+        inputs["predictions"].append(values["clean_prediction"])
+        inputs["adversarial_predictions"].append(
+            values["adversarial_prediction"] if success else values["clean_prediction"]
+        )
+        inputs["queries"].append(values["queries"] if attacked else None)
+        inputs["hamming_distances"].append(values["hamming"] if success else None)
+    return inputs
+
+
+__all__ = ["METRIC_NAMES", "load_metric", "metric_inputs_from_records", "metric_path"]
