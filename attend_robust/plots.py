@@ -74,7 +74,8 @@ def _save(figure: plt.Figure, output_dir: Path, stem: str) -> list[Path]:
 def layer_success_counts(run: Run) -> dict[str, Any]:
     """Return the normalised count of successes by layer, with failures at layer -1.
 
-    Layers are numbered from 1 as in the paper's Figure 3. Each count is divided by the number of
+    Layers are numbered from 1, as in Figure 3 of Liong et al., "Unveiling Vulnerability of
+    Self-Attention" (LREC-COLING 2024). Each count is divided by the number of
     attacked examples, so the bars of one run sum to 1.
     """
     report = run.report
@@ -166,8 +167,8 @@ def attention_before_after(
     if example_id is not None:
         records = [record for record in records if record["example_id"] == example_id]
     if not records:
-        wanted = f"example {example_id!r}" if example_id else "any example"
-        raise ValueError(f"The run in {run.path} has no successful attack on {wanted}; choose another example.")
+        target = f"example {example_id!r}" if example_id else "any example"
+        raise ValueError(f"The run in {run.path} has no successful attack on {target}; choose another example.")
     record = records[0]
 
     info = run.run_info
