@@ -1,0 +1,11 @@
+#!/bin/bash
+cd "$(dirname "$0")/../.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+date -u +"start %FT%TZ"
+start=$(date +%s)
+attend-robust finetune --model minilm --dataset sst2 --data-dir ../shared/data \
+  --train-limit 4000 --output-dir runs/victims/minilm-sst2
+rc=$?
+date -u +"end %FT%TZ"
+echo "exit $rc, wall $(( $(date +%s) - start )) s"
