@@ -11,17 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${VENV:-.venv}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 OUTPUT_DIR="${OUTPUT_DIR:-runs/demo}"
-
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet -e ".[demo]"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+. scripts/setup_venv.sh
+setup_venv demo
 
 if [ ! -f "$OUTPUT_DIR/victim/config.json" ]; then
   "$VENV/bin/attend-robust" finetune --model minilm --dataset sst2 --data-dir examples/data \

@@ -9,17 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${VENV:-.venv}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+. scripts/setup_venv.sh
+setup_venv dev
 
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
-
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 status=0
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 if [ "$status" -eq 5 ]; then
