@@ -1,11 +1,11 @@
 """Prefix reuse: start a forward pass at a given transformer block from recorded hidden states.
 
 A perturbation confined to layers `l` and above leaves every block below `l` computing exactly
-what it computed on the clean input. The clean pass records each block's output; a later pass
-returns the recorded output of block `l - 1` from the skipped blocks instead of computing them,
-so only blocks `l` and above run. Embeddings, mask construction and the head still run, because
-they are cheap and some architectures (DeBERTa's relative positions, DeBERTa v2's convolution
-after the first block) feed them to later blocks.
+what it computed on the clean input. The clean pass records each block's output. A later pass
+skips the blocks below `l`, which return the recorded output of block `l - 1` instead of
+computing it, so only blocks `l` and above run. Embeddings, mask construction and the head still
+run, because they are cheap and some architectures (DeBERTa's relative positions, DeBERTa v2's
+convolution after the first block) feed them to later blocks.
 """
 
 from __future__ import annotations

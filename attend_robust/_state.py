@@ -1,7 +1,7 @@
 """Per-forward state shared between `AttentionMaskedModel` and the attention hooks.
 
 Shape letters used in this package:
-    N  sequences the encoder sees (batch, or batch x choices for multiple choice)
+    N  sequences the encoder processes (batch, or batch x choices for multiple choice)
     L  attention layers, H  heads per layer, S  sequence length (queries and keys)
 """
 

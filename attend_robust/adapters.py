@@ -153,7 +153,7 @@ class DisentangledAttentionAdapter(ArchitectureAdapter):
 
     The pre-hook replaces the `[N, 1, S, S]` attention mask with the padding mask narrowed by the
     layer's unit mask; DeBERTa then fills masked scores with the minimum of the scores' dtype.
-    The hook on the module's attention dropout sees the probabilities right after the softmax and
+    The hook on the module's attention dropout receives the probabilities right after the softmax and
     zeroes emptied rows, applies head gates and attaches saliency probes. Dropout is inactive in
     eval mode, and the three operations commute with it in training mode.
     """

@@ -20,7 +20,7 @@ SALIENCY_METHODS: tuple[str, ...] = ("gradient", "mask-gradient", "score")
 class AttentionMaskedModel(nn.Module):
     """Wrap a transformers model so that single attention units can be masked before the softmax.
 
-    The wrapper holds the user's model itself, not a copy. Its forward takes the model's usual
+    The wrapper keeps a reference to the user's model, not a copy. Its forward takes the model's usual
     inputs plus:
 
     * `unit_mask`: keep-mask broadcastable to `[N, L, H, S, S]` (True or 1 = attend, False or 0 =

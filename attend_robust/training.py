@@ -396,6 +396,7 @@ def add_finetune_command(subparsers) -> argparse.ArgumentParser:
             "tokenizer, finetune_args.json and eval_results.json to --output-dir."
         ),
     )
+    # What to train, on which data, and where the result goes.
     parser.add_argument("--model", required=True,
                         help="Pretrained model: a local folder, a hub name, or 'minilm' for the packaged "
                              "all-MiniLM-L6-v2.")
@@ -407,12 +408,16 @@ def add_finetune_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="Folder with local copies sst2/ and dream/. Default: $ATTEND_ROBUST_DATA_DIR, else "
                              "../shared/data if it exists, else the Hugging Face Hub.")
+
+    # Dataset sizes.
     parser.add_argument("--train-limit", type=_positive_int, default=None,
                         help="Train on a seeded random subset of this many examples (questions for multiple "
                              "choice). Default: the whole train split.")
     parser.add_argument("--eval-limit", type=_positive_int, default=None,
                         help="Evaluate on a seeded random subset of this many dev examples. Default: the whole "
                              "dev split.")
+
+    # Optimisation. Defaults come from the task's Table 9 settings.
     parser.add_argument("--epochs", type=float, default=None,
                         help="Number of training epochs. Default: the task's Table 9 value (SST-2 3, DREAM 8).")
     parser.add_argument("--learning-rate", type=float, default=None,
@@ -426,6 +431,8 @@ def add_finetune_command(subparsers) -> argparse.ArgumentParser:
                         help="Maximum sequence length in tokens; longer inputs are truncated (default: 128).")
     parser.add_argument("--seed", type=int, default=42,
                         help="Random seed of the head initialization, data order, masks and subsets (default: 42).")
+
+    # S-Attend and logging.
     parser.add_argument("--sattend-alpha", type=float, default=0.0,
                         help="S-Attend masking probability in [0, 1) during training; 0 disables S-Attend "
                              "(default: 0).")
@@ -434,5 +441,6 @@ def add_finetune_command(subparsers) -> argparse.ArgumentParser:
                              "key tokens in every layer and head (default: unit).")
     parser.add_argument("--logging-steps", type=_positive_int, default=50,
                         help="Log the training loss every this many optimizer steps (default: 50).")
+
     parser.set_defaults(func=_run_finetune_command)
     return parser

@@ -97,7 +97,7 @@ def test_masked_unit_gets_zero_and_row_renormalises(architecture):
     masked = wrapped.attention_saliency(batch, method="score", unit_mask=keep)
 
     assert torch.all(masked[:, 0, head, query, key] == 0)
-    # Layer 0 sees the same inputs, so the row is the clean row without the key, renormalised.
+    # Layer 0 receives the same inputs, so the row is the clean row without the key, renormalised.
     expected_row = clean[:, 0, head, query].clone()
     expected_row[:, key] = 0
     expected_row = expected_row / expected_row.sum(dim=-1, keepdim=True)
