@@ -92,5 +92,6 @@ def test_load_validates_values(tmp_path):
 def test_decision_fields_leave_out_batch_sizes():
     fields = HackAttendConfig().decision_fields()
     assert "query_batch_size" not in fields
-    assert "ranking_batch_size" not in fields
+    assert "forward_batch_size" not in fields
+    assert "example_batch_size" not in fields
     assert HackAttendConfig(query_batch_size=1).decision_fields() == HackAttendConfig(query_batch_size=64).decision_fields()

@@ -88,16 +88,16 @@ def test_resume_after_interruption(victim, tokenizer, sst2_sample, tmp_path):
     reference.evaluate(sst2_sample)
 
     interrupted = HackAttendEvaluator(victim, tokenizer, config, output_dir=tmp_path / "cut", progress=False)
-    real_attack = interrupted.search.attack
+    real_attack = interrupted.search.attack_many
     calls = []
 
-    def attack_then_die(*args, **kwargs):
-        if len(calls) == 5:
+    def attack_then_die(examples):
+        if len(calls) >= 5:
             raise KeyboardInterrupt
-        calls.append(args[2])
-        return real_attack(*args, **kwargs)
+        calls.extend(key for _, _, key in examples)
+        return real_attack(examples)
 
-    interrupted.search.attack = attack_then_die
+    interrupted.search.attack_many = attack_then_die
     with pytest.raises(KeyboardInterrupt):
         interrupted.evaluate(sst2_sample)
     part = tmp_path / "cut" / "records.part-0.jsonl"
@@ -108,13 +108,13 @@ def test_resume_after_interruption(victim, tokenizer, sst2_sample, tmp_path):
 
     resumed = HackAttendEvaluator(victim, tokenizer, config, output_dir=tmp_path / "cut", progress=False)
     resumed_calls = []
-    real_resumed = resumed.search.attack
+    real_resumed = resumed.search.attack_many
 
-    def counting_attack(*args, **kwargs):
-        resumed_calls.append(args[2])
-        return real_resumed(*args, **kwargs)
+    def counting_attack(examples):
+        resumed_calls.extend(key for _, _, key in examples)
+        return real_resumed(examples)
 
-    resumed.search.attack = counting_attack
+    resumed.search.attack_many = counting_attack
     report = resumed.evaluate(sst2_sample)
 
     assert set(calls).isdisjoint(resumed_calls), "no example is attacked twice"
@@ -227,18 +227,23 @@ def test_attack_command_rejects_caps_beyond_model(victim, tokenizer, shared_data
 
 
 def test_records_do_not_depend_on_batch_sizes(victim, tokenizer, sst2_sample):
-    small = HackAttendEvaluator(victim, tokenizer, HackAttendConfig(alpha=ALPHA, query_batch_size=1,
-                                                                    ranking_batch_size=1), progress=False)
-    large = HackAttendEvaluator(victim, tokenizer, HackAttendConfig(alpha=ALPHA, query_batch_size=32,
-                                                                    ranking_batch_size=32), progress=False)
-    small.evaluate(sst2_sample.select(range(6)))
-    large.evaluate(sst2_sample.select(range(6)))
-    # The probability under the final query may differ in the last float digits between batch sizes.
-    assert [record.adversarial_confidence or 0.0 for record in small.records] == pytest.approx(
-        [record.adversarial_confidence or 0.0 for record in large.records], rel=1e-5
-    )
+    small = HackAttendEvaluator(victim, tokenizer, HackAttendConfig(
+        alpha=ALPHA, query_batch_size=1, example_batch_size=1, forward_batch_size=1), progress=False)
+    large = HackAttendEvaluator(victim, tokenizer, HackAttendConfig(
+        alpha=ALPHA, query_batch_size=32, example_batch_size=16, forward_batch_size=32), progress=False)
+    small.evaluate(sst2_sample)
+    large.evaluate(sst2_sample)
+    # Probabilities may differ in the last float digits between batch sizes.
+    for name in ("clean_confidence", "adversarial_confidence"):
+        assert [getattr(record, name) or 0.0 for record in small.records] == pytest.approx(
+            [getattr(record, name) or 0.0 for record in large.records], rel=1e-5
+        )
+    # One query per pass wastes nothing after a success; larger query batches may.
+    for first, second in zip(small.records, large.records):
+        assert first.layer_evaluations <= second.layer_evaluations
     for record in small.records + large.records:
-        record.adversarial_confidence = None
+        record.clean_confidence = record.adversarial_confidence = None
+        record.layer_evaluations = 0
     assert _without_seconds(small.records) == _without_seconds(large.records)
     assert all(isinstance(record, AttackRecord) for record in small.records)
     assert torch.is_grad_enabled()

@@ -66,8 +66,10 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     search.add_argument("--max-length", type=int, default=defaults.max_length, help=_help("max_length"))
     search.add_argument("--query-batch-size", type=int, default=defaults.query_batch_size,
                         help=_help("query_batch_size"))
-    search.add_argument("--ranking-batch-size", type=int, default=defaults.ranking_batch_size,
-                        help=_help("ranking_batch_size"))
+    search.add_argument("--example-batch-size", type=int, default=defaults.example_batch_size,
+                        help=_help("example_batch_size"))
+    search.add_argument("--forward-batch-size", type=int, default=defaults.forward_batch_size,
+                        help=_help("forward_batch_size"))
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", required=True, help="Folder for config.json, records.jsonl and report.json.")
@@ -88,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> HackAttendConfig:
         seed=args.seed,
         max_length=args.max_length,
         query_batch_size=args.query_batch_size,
-        ranking_batch_size=args.ranking_batch_size,
+        example_batch_size=args.example_batch_size,
+        forward_batch_size=args.forward_batch_size,
     )
 
 

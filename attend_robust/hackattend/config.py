@@ -14,6 +14,8 @@ SelectionRanking = Literal["importance", "random"]
 
 UNIT_RANKINGS: tuple[str, ...] = ("gradient", "gradient-largest", "mask-gradient", "score", "random")
 SELECTION_RANKINGS: tuple[str, ...] = ("importance", "random")
+# Fields that change speed and memory, never a decision.
+SPEED_FIELDS: tuple[str, ...] = ("query_batch_size", "example_batch_size", "forward_batch_size")
 
 
 @dataclass
@@ -79,12 +81,23 @@ class HackAttendConfig:
         metadata={"help": "Maximum sequence length in tokens; longer inputs are truncated and counted."},
     )
     query_batch_size: int = field(
-        default=12,
-        metadata={"help": "Number of candidate masks evaluated in one forward pass (speed only)."},
+        default=16,
+        metadata={
+            "help": "Most candidate masks of one example evaluated before its next check for a success. Each "
+            "example starts with 1 and doubles up to this, so few queries are wasted after an early success "
+            "(speed only)."
+        },
     )
-    ranking_batch_size: int = field(
-        default=12,
-        metadata={"help": "Number of layer or head removals evaluated in one forward pass (speed only)."},
+    example_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Number of examples with the same input shape searched together; their removals and queries "
+            "share forward passes (speed and memory only)."
+        },
+    )
+    forward_batch_size: int = field(
+        default=64,
+        metadata={"help": "Most copies of examples, each with its own gates or mask, in one forward pass (speed and memory only)."},
     )
 
     def __post_init__(self) -> None:
@@ -97,7 +110,7 @@ class HackAttendConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_positive_int(name, value)
-        for name in ("max_length", "query_batch_size", "ranking_batch_size"):
+        for name in ("max_length", *SPEED_FIELDS):
             _check_positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}.")
@@ -132,8 +145,7 @@ class HackAttendConfig:
 
     def decision_fields(self) -> dict[str, Any]:
         """Return the fields that change the search's decisions (all but the batch sizes)."""
-        speed_only = {"query_batch_size", "ranking_batch_size"}
-        return {key: value for key, value in self.to_dict().items() if key not in speed_only}
+        return {key: value for key, value in self.to_dict().items() if key not in SPEED_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,13 @@ class HackAttendEvaluator:
         run_info (`dict`, *optional*): JSON-serialisable description of the run (model path, dataset
             name, split) saved in `run.json`; a resumed run must have the same.
 
-    Records do not depend on the number of processes or the batch sizes: every example is searched
-    on its own, with random choices seeded by the config's seed and the example id. Between two
-    identical runs the `seconds` field (and the report's `timing`) differ. The two confidence fields
-    may differ in their last float digits, because CPU BLAS results can depend on memory alignment
-    and batch shape. Every decision, count and mask is the same.
+    Records do not depend on the number of processes or the batch sizes. Examples searched side by
+    side share forward passes but no decision, and random choices are seeded by the config's seed
+    and the example id. Between two identical runs only `seconds` (the wall time of the example's
+    group divided by its size) and the report's `timing` differ. With another `query_batch_size`,
+    `layer_evaluations` also differs, because it counts the work spent. With other batch sizes, the
+    two confidence fields may differ in their last float digits, because CPU BLAS results can depend on memory
+    alignment and batch shape. Every decision, count of queries and passes, and mask is the same.
     """
 
     def __init__(
@@ -347,31 +350,57 @@ class HackAttendEvaluator:
             dynamic_ncols=True,
         )
         records: list[AttackRecord] = []
-        successes = attacked = 0
+        counts = {"attacked": 0, "successes": 0}
+
+        def emit(record: AttackRecord) -> None:
+            records.append(record)
+            if handle is not None:
+                write_record(handle, record)
+            counts["attacked"] += record.attacked
+            counts["successes"] += record.success
+            bar.update(1)
+            rate = f"{100 * counts['successes'] / counts['attacked']:.1f}%" if counts["attacked"] else "n/a"
+            bar.set_postfix(asr=rate, refresh=False)
+
         try:
+            searchable = []
             for position in positions:
-                record = self._attack_one(dataset[position], position, kind, encoded, rows)
-                records.append(record)
-                if handle is not None:
-                    write_record(handle, record)
-                attacked += record.attacked
-                successes += record.success
-                bar.update(1)
-                bar.set_postfix(asr=f"{100 * successes / attacked:.1f}%" if attacked else "n/a", refresh=False)
+                prepared = self._prepare(dataset[position], position, kind, encoded, rows)
+                if isinstance(prepared, AttackRecord):
+                    emit(prepared)
+                else:
+                    searchable.append(prepared)
+            # Examples of one input shape share forward passes, so they are searched side by side.
+            searchable.sort(key=lambda item: (item.shape, item.position))
+            size = self.config.example_batch_size
+            start = 0
+            while start < len(searchable):
+                end = start + 1
+                while end < len(searchable) and end - start < size and searchable[end].shape == searchable[start].shape:
+                    end += 1
+                chunk = searchable[start:end]
+                results = self.search.attack_many([(item.inputs, item.label, item.example_id) for item in chunk])
+                for item, result in zip(chunk, results):
+                    emit(AttackRecord.from_search(
+                        result, example_id=item.example_id, index=item.position, label=item.label,
+                        num_tokens=item.num_tokens, truncated=item.truncated,
+                    ))
+                start = end
         finally:
             bar.close()
             if handle is not None:
                 handle.close()
         return records
 
-    def _attack_one(
+    def _prepare(
         self,
         example: dict[str, Any],
         position: int,
         kind: str,
         encoded: datasets.Dataset | None,
         rows: dict[str, int],
-    ) -> AttackRecord:
+    ) -> "AttackRecord | _Searchable":
+        """Return the skipped record of an example that cannot be attacked, or its search inputs."""
         example_id = str(example["example_id"])
         label = example["label"]
         if example_id not in rows:
@@ -386,8 +415,23 @@ class HackAttendEvaluator:
                 example_id=example_id, index=position, label=label, reason=SKIP_LABEL_OUT_OF_RANGE,
                 num_tokens=num_tokens,
             )
-        result = self.search.attack(inputs, int(label), example_id)
-        return AttackRecord.from_search(
-            result, example_id=example_id, index=position, label=int(label), num_tokens=num_tokens,
+        return _Searchable(
+            example_id=example_id, position=position, label=int(label), inputs=inputs, num_tokens=num_tokens,
             truncated=bool(encoded_row["truncated"]),
         )
+
+
+@dataclass
+class _Searchable:
+    """An example ready for the search."""
+
+    example_id: str
+    position: int
+    label: int
+    inputs: dict[str, torch.Tensor]
+    num_tokens: list[int]
+    truncated: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs["input_ids"].shape)

@@ -44,6 +44,7 @@ class AttackRecord:
     clean_confidence: float | None = None
     queries: int = 0
     model_evaluations: int = 0
+    layer_evaluations: int = 0  # attention-layer evaluations spent, prefix reuse and batching included
     perturbed_heads: list[list[int]] = field(default_factory=list)  # [layer, head] in greedy order
     mask: list[list[Any]] = field(default_factory=list)
     num_masked_units: int = 0
@@ -97,6 +98,7 @@ class AttackRecord:
             clean_confidence=result.clean_confidence,
             queries=result.queries,
             model_evaluations=result.model_evaluations,
+            layer_evaluations=result.layer_evaluations,
             perturbed_heads=[[layer, head] for layer, head in result.perturbed_heads],
             mask=group_units(result.masked_units),
             num_masked_units=len(result.masked_units),

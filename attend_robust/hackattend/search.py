@@ -18,8 +18,20 @@ The search, for an example the model predicts correctly:
    candidate units of every sequence to the accumulated mask and query the model with the whole
    mask. Stop at the first query whose prediction differs from the label.
 
-Every candidate mask is fixed once the rankings are known, so queries are evaluated in batches and
-the first success in greedy order is taken. The batch size changes speed, never a decision.
+Every candidate mask is fixed once the rankings are known, so the search needs little of the
+work a one-query-per-pass implementation does, and still takes every decision that one takes:
+
+- One clean pass per group of examples gives the predictions, the unit saliency (one backward
+  pass) and every block's output. A removal or query whose lowest perturbed layer is `l` starts
+  at the block of `l` from those outputs, so the layers below `l` are not evaluated again.
+- Examples with the same input shape are searched together: their removals and queries share
+  forward passes. Each example's queries are evaluated a few at a time in greedy order (1, then
+  2, 4, ... up to `query_batch_size`), and the first success ends its search.
+- Masks are lists of units, turned into one boolean `[Q * N, H, S, S]` keep-mask per perturbed
+  layer while that layer runs.
+
+Batch sizes change speed, never a decision. `attend_robust.hackattend.sequential` is the plain
+search (one example, one query per full forward pass) that tests and the benchmark compare with.
 """
 
 from __future__ import annotations
@@ -28,10 +40,12 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._prefix import PrefixReuse, select_rows
+from .._state import SaliencyCapture
 from ..masked_model import AttentionMaskedModel
 from .config import HackAttendConfig
 
@@ -63,7 +77,7 @@ class SearchResult:
     attacked: bool  # False when the clean prediction was already wrong
     success: bool = False
     queries: int = 0  # forwards with a perturbed mask, up to the first success or all of them
-    model_evaluations: int = 0  # queries plus clean, saliency and ranking forwards (see `_count_evaluations`)
+    model_evaluations: int = 0  # queries plus clean, saliency and ranking forwards (see `count_model_evaluations`)
     perturbed_heads: list[tuple[int, int]] = field(default_factory=list)  # (layer, head) in greedy order
     masked_units: list[Unit] = field(default_factory=list)
     num_perturbed_matrices: int = 0
@@ -72,6 +86,7 @@ class SearchResult:
     adversarial_prediction: int | None = None
     adversarial_confidence: float | None = None  # probability of `adversarial_prediction` under the last query
     layer_order: list[int] = field(default_factory=list)
+    layer_evaluations: int = 0  # attention layers evaluated for this example, reuse and batch waste included
     seconds: float = 0.0
 
     @property
@@ -132,113 +147,67 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+@dataclass
+class _Copy:
+    """One copy of a group's example in a forward pass, with its own gates or masked units."""
+
+    example: int  # position of the example in its group
+    start_block: int  # first block this copy's perturbation touches; lower blocks are reused
+    head_gates: torch.Tensor | None = None  # [L, H]
+    units: torch.Tensor | None = None  # [m, 5] masked units
+
+
+@dataclass
+class _ExampleState:
+    """Search state of one example of a group."""
+
+    label: int
+    key: str
+    result: SearchResult
+    candidates: torch.Tensor | None = None  # [N, S, S]
+    budgets: list[int] = field(default_factory=list)
+    scores: torch.Tensor | None = None  # [N, L, H, S, S], higher is masked earlier
+    fallback: torch.Tensor | None = None  # [N, L, H]
+    accumulated: list[torch.Tensor] = field(default_factory=list)  # units added at each step
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (layer, head) at each step
+    lowest_layer: int | None = None  # lowest layer perturbed so far
+    heads: list[tuple[int, int]] = field(default_factory=list)  # (layer, head) of the current layer, greedy order
+    next_head: int = 0  # position in `heads` of the next query
+    step_size: int = 1  # queries of this example in the next forward
+    last_probabilities: torch.Tensor | None = None  # class probabilities under the last query
+    layer_evaluations: int = 0
+    done: bool = False
+
+
+class _Group:
+    """Examples of one input shape searched together, with their clean pass's recorded blocks."""
+
+    def __init__(self, examples: list[tuple[Mapping[str, torch.Tensor], int, str]], device: torch.device) -> None:
+        names = sorted(examples[0][0])
+        self.inputs = {name: torch.cat([inputs[name] for inputs, _, _ in examples]).to(device) for name in names}
+        attention_mask = self.inputs["attention_mask"]
+        self.num_examples = len(examples)
+        self.num_sequences = attention_mask[0].numel() // attention_mask.shape[-1]
+        self.seq_len = attention_mask.shape[-1]
+        self.attention_mask = attention_mask.reshape(self.num_examples, self.num_sequences, self.seq_len).bool().cpu()
+        self.recorded_blocks: dict[int, Any] = {}
+
+
 class HackAttendSearch:
-    """Runs the greedy HackAttend search on single examples with an `AttentionMaskedModel`."""
+    """Runs the greedy HackAttend search with an `AttentionMaskedModel`.
+
+    `attack_many` searches several examples at once: examples with the same input shape share
+    forward passes, and every pass starts at the lowest block its perturbations touch, from the
+    hidden states recorded during the clean pass (see `attend_robust._prefix`). Decisions equal
+    those of the one-example, one-query-per-pass search in `attend_robust.hackattend.sequential`.
+    """
 
     def __init__(self, wrapped: AttentionMaskedModel, config: HackAttendConfig) -> None:
         self.wrapped = wrapped
         self.config = config.resolve(wrapped.num_layers, wrapped.num_heads)
+        self._layers_per_block = wrapped.attention_layers_per_block
 
-    # ------------------------------------------------------------------ forwards
-
-    @torch.no_grad()
-    def _probabilities(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        times: int,
-        unit_mask: SparseUnitMask | None = None,
-        head_gates: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Return `[times, num_classes]` class probabilities of `times` perturbed copies of one example."""
-        batch = repeat_inputs(inputs, times)
-        logits = self.wrapped(**batch, unit_mask=unit_mask, head_gates=head_gates).logits
-        return class_probabilities(logits)
-
-    def _removal_order(
-        self, inputs: Mapping[str, torch.Tensor], label: int, gates: torch.Tensor, num_sequences: int
-    ) -> list[int]:
-        """Order removal variants (`gates`: [V, L, H]) by how much they hurt the label, worst first."""
-        num_variants = gates.shape[0]
-        remaining: list[float] = []
-        flipped: list[bool] = []
-        for start in range(0, num_variants, self.config.ranking_batch_size):
-            chunk = gates[start : start + self.config.ranking_batch_size]
-            # Each variant's gates apply to every sequence (choice) of its copy of the example.
-            per_sequence = chunk.repeat_interleave(num_sequences, dim=0)  # [V * N, L, H]
-            probabilities = self._probabilities(inputs, chunk.shape[0], head_gates=per_sequence)
-            remaining.extend(probabilities[:, label].tolist())
-            flipped.extend((probabilities.argmax(dim=-1) != label).tolist())
-        return sorted(range(num_variants), key=lambda index: (not flipped[index], remaining[index], index))
-
-    def rank_layers(
-        self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str, num_sequences: int
-    ) -> list[int]:
-        num_layers, num_heads = self.wrapped.num_layers, self.wrapped.num_heads
-        if self.config.layer_ranking == "random":
-            generator = torch.Generator().manual_seed(derived_seed(self.config.seed, example_key, "layers"))
-            return torch.randperm(num_layers, generator=generator).tolist()
-        gates = torch.ones(num_layers, num_layers, num_heads)
-        for layer in range(num_layers):
-            gates[layer, layer, :] = 0.0
-        return self._removal_order(inputs, label, gates, num_sequences)
-
-    def rank_heads(
-        self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str, num_sequences: int, layer: int
-    ) -> list[int]:
-        num_layers, num_heads = self.wrapped.num_layers, self.wrapped.num_heads
-        if self.config.head_ranking == "random":
-            generator = torch.Generator().manual_seed(derived_seed(self.config.seed, example_key, f"heads-{layer}"))
-            return torch.randperm(num_heads, generator=generator).tolist()
-        gates = torch.ones(num_heads, num_layers, num_heads)
-        for head in range(num_heads):
-            gates[head, layer, head] = 0.0
-        return self._removal_order(inputs, label, gates, num_sequences)
-
-    # ------------------------------------------------------------------ unit scores
-
-    def unit_scores(
-        self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str, candidates: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Score every unit; higher means masked earlier.
-
-        Returns `[N, L, H, S, S]` scores, a `[N, L, H]` bool tensor marking the matrices ranked by
-        attention score because their gradient is zero on every candidate unit, and the number of
-        forward passes spent.
-        """
-        method = self.config.unit_ranking
-        num_sequences, seq_len = candidates.shape[0], candidates.shape[-1]
-        shape = (num_sequences, self.wrapped.num_layers, self.wrapped.num_heads, seq_len, seq_len)
-        no_fallback = torch.zeros(shape[:3], dtype=torch.bool)
-        if method == "random":
-            generator = torch.Generator().manual_seed(derived_seed(self.config.seed, example_key, "units"))
-            return torch.rand(shape, generator=generator), no_fallback, 0
-
-        labels = torch.tensor([label], device=self.wrapped.device)
-        saliency_method = "gradient" if method == "gradient-largest" else method
-        scores = self.wrapped.attention_saliency(inputs, labels, saliency_method).cpu()
-        if method == "score":
-            return scores, no_fallback, 1
-        if method in ("gradient", "mask-gradient"):
-            # Masking lowers a unit's probability, which raises the loss most where dL/dp (or dL/dM)
-            # is most negative. Largest dL/dp first ("gradient-largest") lowers the loss instead.
-            scores = -scores
-
-        on_candidates = scores.abs() * candidates[:, None, None].to(scores.dtype)
-        zero_gradient = on_candidates.amax(dim=(-2, -1)) == 0  # [N, L, H]
-        if not zero_gradient.any():
-            return scores, no_fallback, 1
-        attention = self.wrapped.attention_saliency(inputs, labels, "score").cpu()
-        scores = torch.where(zero_gradient[..., None, None], attention, scores)
-        return scores, zero_gradient, 2
-
-    # ------------------------------------------------------------------ search
-
-    def attack(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        label: int,
-        example_key: str,
-    ) -> SearchResult:
+    def attack(self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str) -> SearchResult:
         """Search an adversarial attention mask for one example.
 
         Args:
@@ -248,111 +217,371 @@ class HackAttendSearch:
             label (`int`): the gold label (class index, or choice index).
             example_key (`str`): the example's id; seeds the random rankings.
         """
-        started = time.perf_counter()
-        device = self.wrapped.device
-        inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-        attention_mask = inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).bool().cpu()
-        num_sequences = attention_mask.shape[0]
+        return self.attack_many([(inputs, label, example_key)])[0]
 
-        clean = self._probabilities(inputs, 1)[0]
-        clean_prediction = int(clean.argmax())
-        result = SearchResult(
-            clean_prediction=clean_prediction,
-            clean_confidence=float(clean[clean_prediction]),
-            attacked=clean_prediction == label,
-        )
+    def attack_many(self, examples: Sequence[tuple[Mapping[str, torch.Tensor], int, str]]) -> list[SearchResult]:
+        """Search every example of `examples`, each an `(inputs, label, example_key)` as in `attack`.
+
+        Examples whose tensors have the same shape are searched together, `example_batch_size` at
+        a time. Results come back in the order of `examples`; each example's `seconds` is its
+        group's wall time divided by the group's size.
+        """
+        by_shape: dict[tuple, list[int]] = {}
+        for position, (inputs, _, _) in enumerate(examples):
+            shape = tuple((name, tuple(inputs[name].shape)) for name in sorted(inputs))
+            by_shape.setdefault(shape, []).append(position)
+        results: list[SearchResult | None] = [None] * len(examples)
+        size = self.config.example_batch_size
+        for positions in by_shape.values():
+            for start in range(0, len(positions), size):
+                chunk = positions[start : start + size]
+                for position, result in zip(chunk, self._attack_group([examples[index] for index in chunk])):
+                    results[position] = result
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ one group
+
+    def _attack_group(self, examples: list[tuple[Mapping[str, torch.Tensor], int, str]]) -> list[SearchResult]:
+        started = time.perf_counter()
+        group = _Group(examples, self.wrapped.device)
+        labels = [int(label) for _, label, _ in examples]
+        probabilities, saliency, attention = self._clean_pass(group, labels)
+
+        states: list[_ExampleState] = []
+        for position, (_, label, key) in enumerate(examples):
+            clean = probabilities[position]
+            prediction = int(clean.argmax())
+            result = SearchResult(
+                clean_prediction=prediction, clean_confidence=float(clean[prediction]), attacked=prediction == label
+            )
+            state = _ExampleState(label=label, key=key, result=result, done=not result.attacked)
+            state.layer_evaluations = self.wrapped.num_layers
+            if result.attacked:
+                self._prepare_units(state, group, position, saliency, attention)
+            states.append(state)
+
+        attacked = [position for position, state in enumerate(states) if not state.done]
+        if attacked:
+            self._rank_layers(group, states, attacked)
+            for depth in range(self.config.max_layers):
+                active = [position for position in attacked if not states[position].done]
+                if not active:
+                    break
+                self._rank_heads(group, states, active, depth)
+                self._query_layer(group, states, active)
+
+        seconds = (time.perf_counter() - started) / len(examples)
+        return [self._finish(state, seconds) for state in states]
+
+    def _clean_pass(
+        self, group: _Group, labels: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Run the clean inputs once: predictions, recorded blocks, and the unit saliency if needed.
+
+        Returns `[E, K]` probabilities, the `[E * N, L, H, S, S]` dL/dp (or dL/dM) of the correctly
+        predicted examples (`None` when not needed) and the attention probabilities (`None` with
+        random unit ranking).
+        """
+        method = self.config.unit_ranking
+        gradient_method = {"gradient": "gradient", "gradient-largest": "gradient", "mask-gradient": "mask-gradient"}
+        needs_gradient = method in gradient_method
+        capture = None if method == "random" else SaliencyCapture(with_probes=needs_gradient)
+        plan = self.wrapped.make_plan(group.inputs, capture=capture, record_blocks=True)
+        with torch.set_grad_enabled(needs_gradient):
+            logits = self.wrapped.run_plan(plan, **group.inputs).logits.float()
+        group.recorded_blocks = plan.recorded_blocks or {}
+        probabilities = class_probabilities(logits.detach()).cpu()
+        if capture is None:
+            return probabilities, None, None
+
+        num_layers = self.wrapped.num_layers
+        attention = torch.stack([capture.probabilities[layer] for layer in range(num_layers)], dim=1).float()
+        targets = torch.tensor(labels, device=logits.device)
+        correct = probabilities.argmax(dim=-1).to(targets.device) == targets
+        if not needs_gradient or not bool(correct.any()):
+            return probabilities, None, attention.cpu()
+        # Summed over examples, so each example's gradient is the one it would have alone.
+        loss = torch.nn.functional.cross_entropy(logits, targets.masked_fill(~correct, -100), reduction="sum")
+        probes = [capture.probes[layer] for layer in range(num_layers)]
+        gradients = torch.autograd.grad(loss, probes, allow_unused=True)
+        gradient = torch.stack(
+            [torch.zeros_like(probe) if value is None else value for probe, value in zip(probes, gradients)], dim=1
+        ).float()
+        if gradient_method[method] == "mask-gradient":
+            gradient = attention * (gradient - (attention * gradient).sum(dim=-1, keepdim=True))
+        return probabilities, gradient.cpu(), attention.cpu()
+
+    def _prepare_units(
+        self,
+        state: _ExampleState,
+        group: _Group,
+        position: int,
+        saliency: torch.Tensor | None,
+        attention: torch.Tensor | None,
+    ) -> None:
+        """Set the example's candidates, budgets and unit scores (higher is masked earlier)."""
+        attention_mask = group.attention_mask[position]  # [N, S]
+        state.candidates = candidate_units(attention_mask, self.config.protect_first_token)
+        state.budgets = [units_per_matrix(self.config.alpha, int(n)) for n in attention_mask.sum(dim=-1).tolist()]
+        rows = slice(position * group.num_sequences, (position + 1) * group.num_sequences)
+        shape = (group.num_sequences, self.wrapped.num_layers, self.wrapped.num_heads, group.seq_len, group.seq_len)
+        state.fallback = torch.zeros(shape[:3], dtype=torch.bool)
+        method = self.config.unit_ranking
+        if method == "random":
+            generator = torch.Generator().manual_seed(derived_seed(self.config.seed, state.key, "units"))
+            state.scores = torch.rand(shape, generator=generator)
+            return
+        assert attention is not None
+        if method == "score":
+            state.scores = attention[rows]
+            return
+        assert saliency is not None
+        # Masking lowers a unit's probability, which raises the loss most where dL/dp (or dL/dM) is
+        # most negative. Largest dL/dp first ("gradient-largest") lowers the loss instead.
+        scores = saliency[rows] if method == "gradient-largest" else -saliency[rows]
+        on_candidates = scores.abs() * state.candidates[:, None, None].to(scores.dtype)
+        state.fallback = on_candidates.amax(dim=(-2, -1)) == 0  # [N, L, H]
+        state.scores = torch.where(state.fallback[..., None, None], attention[rows], scores)
+
+    # ------------------------------------------------------------------ forwards
+
+    def _block_of(self, layer: int) -> int:
+        return layer // self._layers_per_block if self.wrapped.supports_prefix_reuse else 0
+
+    def _evaluate(self, group: _Group, states: list[_ExampleState], copies: list[_Copy]) -> torch.Tensor:
+        """Return `[len(copies), K]` class probabilities, one forward per start block and batch."""
+        output: list[torch.Tensor | None] = [None] * len(copies)
+        by_start: dict[int, list[int]] = {}
+        for index, copy in enumerate(copies):
+            by_start.setdefault(copy.start_block, []).append(index)
+        size = self.config.forward_batch_size
+        for start_block in sorted(by_start):
+            indices = by_start[start_block]
+            for offset in range(0, len(indices), size):
+                chunk = indices[offset : offset + size]
+                probabilities = self._forward(group, [copies[index] for index in chunk], start_block)
+                cost = (self.wrapped.num_blocks - start_block) * self._layers_per_block
+                for index, row in zip(chunk, probabilities):
+                    output[index] = row
+                    states[copies[index].example].layer_evaluations += cost
+        return torch.stack(output)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def _forward(self, group: _Group, copies: list[_Copy], start_block: int) -> torch.Tensor:
+        device = self.wrapped.device
+        examples = torch.tensor([copy.example for copy in copies], device=device)
+        inputs = {name: tensor.index_select(0, examples) for name, tensor in group.inputs.items()}
+        num_sequences = group.num_sequences
+        head_gates = None
+        if any(copy.head_gates is not None for copy in copies):
+            ones = torch.ones(self.wrapped.num_layers, self.wrapped.num_heads)
+            per_copy = torch.stack([ones if copy.head_gates is None else copy.head_gates for copy in copies])
+            head_gates = per_copy.repeat_interleave(num_sequences, dim=0)  # every sequence of a copy
+        unit_mask = None
+        if any(copy.units is not None for copy in copies):
+            empty = torch.zeros(0, 5, dtype=torch.long)
+            unit_mask = SparseUnitMask(
+                len(copies), num_sequences, self.wrapped.num_heads, group.seq_len,
+                [empty if copy.units is None else copy.units for copy in copies], device,
+            )
+        prefix = None
+        if start_block > 0:
+            rows = (examples[:, None] * num_sequences + torch.arange(num_sequences, device=device)).flatten()
+            recorded = group.recorded_blocks[start_block - 1]
+            prefix = PrefixReuse(start_block, select_rows(recorded, rows, group.num_examples * num_sequences))
+        plan = self.wrapped.make_plan(inputs, unit_mask=unit_mask, head_gates=head_gates, prefix=prefix)
+        return class_probabilities(self.wrapped.run_plan(plan, **inputs).logits).cpu()
+
+    # ------------------------------------------------------------------ rankings
+
+    def _removal_orders(
+        self, group: _Group, states: list[_ExampleState], requests: list[tuple[int, list[tuple[int, torch.Tensor]]]]
+    ) -> list[list[int]]:
+        """Order each request's removal variants by how much they hurt the label, worst first.
+
+        A request is `(example, variants)`, each variant a `(start block, [L, H] gates)` pair.
+        Variants that flip the prediction come first, then the lowest remaining probability of the
+        label; ties keep the lower index first.
+        """
+        copies = [
+            _Copy(example, start_block, head_gates=gates) for example, variants in requests for start_block, gates in variants
+        ]
+        probabilities = self._evaluate(group, states, copies)
+        orders: list[list[int]] = []
+        offset = 0
+        for example, variants in requests:
+            rows = probabilities[offset : offset + len(variants)]
+            offset += len(variants)
+            label = states[example].label
+            remaining = rows[:, label].tolist()
+            flipped = (rows.argmax(dim=-1) != label).tolist()
+            orders.append(sorted(range(len(variants)), key=lambda index: (not flipped[index], remaining[index], index)))
+        return orders
+
+    def _rank_layers(self, group: _Group, states: list[_ExampleState], examples: list[int]) -> None:
+        """Set each example's layer order: all of the model's layers ranked, the top `max_layers` kept."""
+        num_layers, num_heads = self.wrapped.num_layers, self.wrapped.num_heads
+        if self.config.layer_ranking == "random":
+            orders = []
+            for example in examples:
+                seed = derived_seed(self.config.seed, states[example].key, "layers")
+                orders.append(torch.randperm(num_layers, generator=torch.Generator().manual_seed(seed)).tolist())
+        else:
+            variants = []
+            for layer in range(num_layers):
+                gates = torch.ones(num_layers, num_heads)
+                gates[layer] = 0.0
+                variants.append((self._block_of(layer), gates))  # each removal starts at its own block
+            orders = self._removal_orders(group, states, [(example, variants) for example in examples])
+        for example, order in zip(examples, orders):
+            states[example].result.layer_order = order[: self.config.max_layers]
+
+    def _rank_heads(self, group: _Group, states: list[_ExampleState], examples: list[int], depth: int) -> None:
+        """Set each example's `heads`: the top `max_heads` heads of the layer at `depth` of its layer order."""
+        num_layers, num_heads = self.wrapped.num_layers, self.wrapped.num_heads
+        requests = []
+        for example in examples:
+            state = states[example]
+            layer = state.result.layer_order[depth]
+            state.next_head = 0
+            if self.config.head_ranking == "random":
+                seed = derived_seed(self.config.seed, state.key, f"heads-{layer}")
+                order = torch.randperm(num_heads, generator=torch.Generator().manual_seed(seed)).tolist()
+                state.heads = [(layer, head) for head in order[: self.config.max_heads]]
+                continue
+            variants = []
+            for head in range(num_heads):
+                gates = torch.ones(num_layers, num_heads)
+                gates[layer, head] = 0.0
+                variants.append((self._block_of(layer), gates))
+            requests.append((example, variants))
+        if requests:
+            for (example, _), order in zip(requests, self._removal_orders(group, states, requests)):
+                layer = states[example].result.layer_order[depth]
+                states[example].heads = [(layer, head) for head in order[: self.config.max_heads]]
+
+    # ------------------------------------------------------------------ queries
+
+    def _query_layer(self, group: _Group, states: list[_ExampleState], examples: list[int]) -> None:
+        """Query the heads of the current layer of each example until it flips or the layer ends.
+
+        Each round evaluates the next `step_size` candidate masks of every example still in the
+        layer; the step size starts at 1 and doubles up to `query_batch_size`, so at most as many
+        queries are evaluated after a success as before it.
+        """
+        pending = [example for example in examples if states[example].heads]
+        while pending:
+            copies: list[_Copy] = []
+            spans: list[tuple[int, int]] = []  # (example, number of its copies)
+            for example in pending:
+                state = states[example]
+                count = min(state.step_size, len(state.heads) - state.next_head)
+                for layer, head in state.heads[state.next_head : state.next_head + count]:
+                    state.accumulated.append(select_units(state.scores, state.candidates, state.budgets, layer, head))
+                    state.steps.append((layer, head))
+                    state.lowest_layer = layer if state.lowest_layer is None else min(state.lowest_layer, layer)
+                    copies.append(_Copy(example, self._block_of(state.lowest_layer), units=torch.cat(state.accumulated)))
+                spans.append((example, count))
+            probabilities = self._evaluate(group, states, copies)
+
+            offset = 0
+            still_pending = []
+            for example, count in spans:
+                state = states[example]
+                rows = probabilities[offset : offset + count]
+                offset += count
+                flipped = (rows.argmax(dim=-1) != state.label).nonzero().flatten().tolist()
+                done_before = len(state.steps) - count
+                if flipped:
+                    stop = flipped[0]
+                    state.result.success = True
+                    state.result.queries = done_before + stop + 1
+                    state.last_probabilities = rows[stop]
+                    state.done = True
+                    continue
+                state.result.queries = len(state.steps)
+                state.last_probabilities = rows[-1]
+                state.next_head += count
+                state.step_size = min(2 * state.step_size, self.config.query_batch_size)
+                if state.next_head < len(state.heads):
+                    still_pending.append(example)
+            pending = still_pending
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(self, state: _ExampleState, seconds: float) -> SearchResult:
+        result = state.result
+        result.seconds = seconds
+        result.layer_evaluations = state.layer_evaluations
         if not result.attacked:
             result.model_evaluations = 1
-            result.seconds = time.perf_counter() - started
             return result
-
-        candidates = candidate_units(attention_mask, self.config.protect_first_token)  # [N, S, S]
-        budgets = [units_per_matrix(self.config.alpha, int(n)) for n in attention_mask.sum(dim=-1).tolist()]
-        layer_order = self.rank_layers(inputs, label, example_key, num_sequences)
-        scores, fallback, saliency_passes = self.unit_scores(inputs, label, example_key, candidates)
-        result.layer_order = layer_order[: self.config.max_layers]
-
-        steps = _GreedySteps(self, inputs, label, example_key, num_sequences, result.layer_order)
-        accumulated: list[torch.Tensor] = []  # units added at each step, [m, 5] each
-        step_index = 0
-        last_probabilities: torch.Tensor | None = None
-        while step_index < steps.total:
-            chunk = steps.take(step_index, self.config.query_batch_size)
-            for layer, head in chunk:
-                accumulated.append(select_units(scores, candidates, budgets, layer, head))
-            prefixes = [torch.cat(accumulated[: step_index + offset + 1]) for offset in range(len(chunk))]
-            mask = SparseUnitMask(
-                len(chunk), num_sequences, self.wrapped.num_heads, attention_mask.shape[-1], prefixes, device
-            )
-            probabilities = self._probabilities(inputs, len(chunk), unit_mask=mask)
-            flipped = (probabilities.argmax(dim=-1) != label).nonzero().flatten().tolist()
-            if flipped:
-                stop = flipped[0]
-                result.success = True
-                result.queries = step_index + stop + 1
-                last_probabilities = probabilities[stop]
-                break
-            step_index += len(chunk)
-            last_probabilities = probabilities[-1]
-        else:
-            result.queries = steps.total
-
-        used_steps = steps.steps[: result.queries]
-        masked = torch.cat(accumulated[: result.queries]) if result.queries else torch.zeros(0, 5, dtype=torch.long)
+        used_steps = state.steps[: result.queries]
+        masked = torch.cat(state.accumulated[: result.queries]) if result.queries else torch.zeros(0, 5, dtype=torch.long)
         result.perturbed_heads = [(int(layer), int(head)) for layer, head in used_steps]
         result.masked_units = [tuple(int(value) for value in unit) for unit in masked.tolist()]
         matrices = {(unit[0], unit[1], unit[2]) for unit in result.masked_units}
         result.num_perturbed_matrices = len(matrices)
-        result.candidate_units = sum(int(candidates[sequence].sum()) for sequence, _, _ in matrices)
-        result.ranking_fallbacks = sum(bool(fallback[matrix]) for matrix in matrices)
-        if last_probabilities is not None:
-            prediction = int(last_probabilities.argmax())
+        result.candidate_units = sum(int(state.candidates[sequence].sum()) for sequence, _, _ in matrices)
+        result.ranking_fallbacks = sum(bool(state.fallback[matrix]) for matrix in matrices)
+        last = state.last_probabilities
+        if last is not None:
+            prediction = int(last.argmax())
             result.adversarial_prediction = prediction
-            result.adversarial_confidence = float(last_probabilities[prediction])
+            result.adversarial_confidence = float(last[prediction])
         layers_reached = len({layer for layer, _ in used_steps})
-        result.model_evaluations = self._count_evaluations(saliency_passes, layers_reached, result.queries)
-        result.seconds = time.perf_counter() - started
+        result.model_evaluations = count_model_evaluations(
+            self.config, self.wrapped.num_layers, self.wrapped.num_heads, layers_reached, result.queries
+        )
         return result
 
-    def _count_evaluations(self, saliency_passes: int, layers_reached: int, queries: int) -> int:
-        """Count the forward passes the search's decisions need, independent of batch sizes.
 
-        One clean forward, the saliency passes (a forward and backward counts as one), one per
-        layer removal and per head removal in each layer the greedy order reached, and the queries.
-        Queries that a batch evaluated after the first success are not counted.
-        """
-        count = 1 + saliency_passes + queries
-        if self.config.layer_ranking == "importance":
-            count += self.wrapped.num_layers
-        if self.config.head_ranking == "importance":
-            count += self.wrapped.num_heads * layers_reached
-        return count
+def count_model_evaluations(
+    config: HackAttendConfig, num_layers: int, num_heads: int, layers_reached: int, queries: int
+) -> int:
+    """Count the forward passes the search's decisions need, independent of batching and reuse.
+
+    One clean forward, one saliency pass (forward and backward) unless units are ranked at random,
+    one pass per layer removal and per head removal in each layer the greedy order reached, and
+    the queries. Queries that a batch evaluated after the first success are not counted.
+    """
+    count = 1 + queries + (config.unit_ranking != "random")
+    if config.layer_ranking == "importance":
+        count += num_layers
+    if config.head_ranking == "importance":
+        count += num_heads * layers_reached
+    return count
 
 
-class _GreedySteps:
-    """The greedy order of (layer, head) steps, with each layer's heads ranked when first needed."""
+def minimum_layer_evaluations(
+    config: HackAttendConfig, num_layers: int, num_heads: int, layers_per_block: int,
+    attacked: bool, perturbed_heads: Sequence[Sequence[int]],
+) -> int:
+    """Return the fewest attention-layer evaluations a search with these decisions can make.
 
-    def __init__(
-        self,
-        search: HackAttendSearch,
-        inputs: Mapping[str, torch.Tensor],
-        label: int,
-        example_key: str,
-        num_sequences: int,
-        layers: list[int],
-    ) -> None:
-        self._rank = lambda layer: search.rank_heads(inputs, label, example_key, num_sequences, layer)
-        self._layers = layers
-        self._max_heads = search.config.max_heads
-        self.total = len(layers) * self._max_heads
-        self.steps: list[tuple[int, int]] = []
+    Each needed pass (`count_model_evaluations`) costs the layers from the block of its lowest
+    perturbed layer to the top: all layers for the clean pass (which also gives the saliency),
+    `L - l` for the removal of layer `l` or of one of its heads, and for a query, the layers from
+    the lowest layer of its accumulated mask. Backward passes are not counted.
+    """
+    def cost(layer: int) -> int:
+        return num_layers - (layer // layers_per_block) * layers_per_block
 
-    def take(self, start: int, count: int) -> list[tuple[int, int]]:
-        end = min(start + count, self.total)
-        while len(self.steps) < end:
-            layer = self._layers[len(self.steps) // self._max_heads]
-            self.steps.extend((layer, head) for head in self._rank(layer)[: self._max_heads])
-        return self.steps[start:end]
+    total = num_layers
+    if not attacked:
+        return total
+    if config.layer_ranking == "importance":
+        total += sum(cost(layer) for layer in range(num_layers))
+    seen: list[int] = []
+    lowest: int | None = None
+    for layer, _ in perturbed_heads:
+        if layer not in seen:
+            seen.append(layer)
+            if config.head_ranking == "importance":
+                total += num_heads * cost(layer)
+        lowest = layer if lowest is None else min(lowest, layer)
+        total += cost(lowest)
+    return total
 
 
 def candidate_units(attention_mask: torch.Tensor, protect_first_token: bool) -> torch.Tensor:

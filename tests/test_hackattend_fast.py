@@ -1,0 +1,174 @@
+"""The batched search with prefix reuse against the sequential search: the same decisions, less work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hackattend_support import flippy_bert, predict
+from tiny_models import ARCHITECTURES, build_tiny_model, make_batch
+
+from attend_robust import AttentionMaskedModel
+from attend_robust.hackattend import HackAttendConfig, HackAttendSearch
+from attend_robust.hackattend.search import minimum_layer_evaluations
+from attend_robust.hackattend.sequential import SequentialHackAttendSearch
+
+DECISIONS = (
+    "clean_prediction", "attacked", "success", "queries", "model_evaluations", "perturbed_heads", "masked_units",
+    "num_perturbed_matrices", "candidate_units", "ranking_fallbacks", "adversarial_prediction", "layer_order",
+)
+
+
+def _examples(wrapped, count, *, choices=None, lengths=(7, 11), seed=0, vocab_size=1000):
+    """Return `(inputs, label, key)` examples padded to one of `lengths`, so that several share a shape.
+
+    Labels are the model's predictions, except every fifth, which is wrong (not attacked).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        sequences = choices or 1
+        seq_len = lengths[index % len(lengths)]
+        input_ids = torch.randint(5, vocab_size, (sequences, seq_len), generator=generator)
+        attention_mask = torch.ones(sequences, seq_len, dtype=torch.long)
+        for row in range(sequences):
+            attention_mask[row, int(torch.randint(4, seq_len + 1, (1,), generator=generator)):] = 0
+        input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if choices is not None:
+            inputs = {name: tensor[None] for name, tensor in inputs.items()}
+        probabilities = predict(wrapped, inputs)[0]
+        label = int(probabilities.argmax())
+        if index % 5 == 4:
+            label = (label + 1) % probabilities.numel()
+        examples.append((inputs, label, f"example-{index}"))
+    return examples
+
+
+def _assert_same_decisions(fast, sequential, examples):
+    for (_, _, key), first, second in zip(examples, fast, sequential):
+        for name in DECISIONS:
+            assert getattr(first, name) == getattr(second, name), (key, name)
+        if first.adversarial_confidence is not None:
+            assert first.adversarial_confidence == pytest.approx(second.adversarial_confidence, rel=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def wrapped_bert():
+    return AttentionMaskedModel(flippy_bert(num_layers=3, num_heads=4))
+
+
+@pytest.fixture(scope="module")
+def wrapped_choice_bert():
+    return AttentionMaskedModel(flippy_bert(num_layers=3, num_heads=4, multiple_choice=True))
+
+
+@pytest.mark.parametrize(
+    "rankings",
+    [
+        dict(unit_ranking="gradient"),
+        dict(unit_ranking="gradient-largest"),
+        dict(unit_ranking="mask-gradient"),
+        dict(unit_ranking="score"),
+        dict(unit_ranking="random", layer_ranking="random", head_ranking="random"),
+        dict(unit_ranking="gradient", layer_ranking="random"),
+        dict(unit_ranking="gradient", max_layers=2, max_heads=3),
+    ],
+    ids=["gradient", "gradient-largest", "mask-gradient", "score", "all-random", "random-layers", "half-scale"],
+)
+def test_attack_many_matches_sequential_search(wrapped_bert, rankings):
+    examples = _examples(wrapped_bert, 20)
+    config = HackAttendConfig(alpha=0.15, seed=5, example_batch_size=6, forward_batch_size=7, query_batch_size=4,
+                              **rankings)
+    fast = HackAttendSearch(wrapped_bert, config).attack_many(examples)
+    sequential = SequentialHackAttendSearch(wrapped_bert, config)
+    reference = [sequential.attack(*example) for example in examples]
+    _assert_same_decisions(fast, reference, examples)
+    outcomes = {(result.attacked, result.success) for result in fast}
+    assert (False, False) in outcomes and (True, False) in outcomes or (True, True) in outcomes
+    if rankings == dict(unit_ranking="gradient"):
+        # The fixture is meant to give every outcome; if this fails the test checks too little.
+        assert outcomes == {(False, False), (True, False), (True, True)}
+
+
+def test_multiple_choice_matches_sequential_search(wrapped_choice_bert):
+    examples = _examples(wrapped_choice_bert, 12, choices=3, lengths=(9, 13), seed=2)
+    config = HackAttendConfig(alpha=0.05, example_batch_size=4, query_batch_size=3)
+    fast = HackAttendSearch(wrapped_choice_bert, config).attack_many(examples)
+    sequential = SequentialHackAttendSearch(wrapped_choice_bert, config)
+    _assert_same_decisions(fast, [sequential.attack(*example) for example in examples], examples)
+    assert {result.success for result in fast if result.attacked} == {True, False}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_matches_sequential_search(architecture):
+    wrapped = AttentionMaskedModel(build_tiny_model(architecture, num_labels=3))
+    assert wrapped.supports_prefix_reuse
+    batch = make_batch(architecture, lengths=(9, 9, 6, 9))
+    examples = []
+    for row in range(4):
+        inputs = {name: tensor[row : row + 1] for name, tensor in batch.items()}
+        examples.append((inputs, int(predict(wrapped, inputs)[0].argmax()), str(row)))
+    config = HackAttendConfig(alpha=0.3, query_batch_size=2)
+    fast = HackAttendSearch(wrapped, config).attack_many(examples)
+    sequential = SequentialHackAttendSearch(wrapped, config)
+    _assert_same_decisions(fast, [sequential.attack(*example) for example in examples], examples)
+
+
+def test_layer_evaluations_reach_the_minimum_with_one_query_per_step(wrapped_bert):
+    examples = _examples(wrapped_bert, 15, seed=3)
+    kwargs = dict(alpha=0.15)
+    one = HackAttendSearch(wrapped_bert, HackAttendConfig(**kwargs, query_batch_size=1)).attack_many(examples)
+    many = HackAttendSearch(wrapped_bert, HackAttendConfig(**kwargs, query_batch_size=16)).attack_many(examples)
+    sequential = SequentialHackAttendSearch(wrapped_bert, HackAttendConfig(**kwargs))
+    config = HackAttendConfig(**kwargs).resolve(3, 4)
+    for example, first, second in zip(examples, one, many):
+        minimum = minimum_layer_evaluations(config, 3, 4, 1, first.attacked, first.perturbed_heads)
+        assert first.layer_evaluations == minimum, example[2]
+        assert minimum <= second.layer_evaluations
+        # A success ends the search; a later query in the same step may be wasted, never more than before it.
+        assert second.layer_evaluations - minimum <= 3 * max(second.queries - 1, 0)
+        assert sequential.attack(*example).layer_evaluations >= minimum
+    assert any(result.queries > 1 for result in many)
+
+
+def test_minimum_counts_each_pass_from_its_lowest_layer():
+    config = HackAttendConfig().resolve(4, 2)
+    # Clean 4; layer removals 4 + 3 + 2 + 1; heads of layer 3 (2 x 1) and of layer 1 (2 x 3);
+    # queries (3,0) -> 1, (3,1) -> 1, (1,0) -> 3.
+    assert minimum_layer_evaluations(config, 4, 2, 1, True, [(3, 0), (3, 1), (1, 0)]) == 4 + 10 + 2 + 6 + 1 + 1 + 3
+    assert minimum_layer_evaluations(config, 4, 2, 1, False, []) == 4
+    # Two attention layers per block: a pass starts at the block's first layer.
+    assert minimum_layer_evaluations(config, 4, 2, 2, True, [(3, 0)]) == 4 + (4 + 4 + 2 + 2) + 2 * 2 + 2
+
+
+def test_examples_of_one_shape_share_forward_passes(wrapped_bert):
+    examples = _examples(wrapped_bert, 8, lengths=(10,), seed=4)
+    calls = {"count": 0}
+    real_run_plan = wrapped_bert.run_plan
+
+    def counting_run_plan(plan, *args, **inputs):
+        calls["count"] += 1
+        return real_run_plan(plan, *args, **inputs)
+
+    wrapped_bert.run_plan = counting_run_plan
+    try:
+        config = HackAttendConfig(alpha=0.15, example_batch_size=8, forward_batch_size=256)
+        together = HackAttendSearch(wrapped_bert, config).attack_many(examples)
+        passes_together = calls["count"]
+        calls["count"] = 0
+        alone = [HackAttendSearch(wrapped_bert, config).attack(*example) for example in examples]
+        passes_alone = calls["count"]
+    finally:
+        del wrapped_bert.run_plan
+    _assert_same_decisions(together, alone, examples)
+    assert passes_together < passes_alone / 2
+
+
+def test_random_rankings_need_no_ranking_passes(wrapped_bert):
+    config = HackAttendConfig(alpha=0.15, unit_ranking="random", layer_ranking="random", head_ranking="random",
+                              query_batch_size=1)
+    for result in HackAttendSearch(wrapped_bert, config).attack_many(_examples(wrapped_bert, 6, seed=6)):
+        resolved = config.resolve(3, 4)
+        assert result.layer_evaluations == minimum_layer_evaluations(resolved, 3, 4, 1, result.attacked,
+                                                                     result.perturbed_heads)
+        assert result.model_evaluations == 1 + result.queries if result.attacked else 1
