@@ -191,6 +191,22 @@ class HackAttendEvaluator:
         encoded = encode_dataset(dataset, self.tokenizer, max_length=self.config.max_length, drop_empty=True)
         return encoded, {example_id: row for row, example_id in enumerate(encoded["example_id"])}
 
+    def search_inputs(self, dataset: datasets.Dataset) -> list[tuple[dict[str, torch.Tensor], int, str]]:
+        """Encode `dataset` as the attack does and return `(inputs, label, example_id)` per example.
+
+        These are the arguments of `HackAttendSearch.attack` and the items of `attack_many`.
+        Examples that `evaluate` would record as skipped (empty text, label outside the model's
+        label set) are left out.
+        """
+        kind = self._check_task(dataset)
+        encoded, rows = self.encode(dataset)
+        items = []
+        for position in range(len(dataset)):
+            prepared = self._prepare(dataset[position], position, kind, encoded, rows)
+            if isinstance(prepared, _Searchable):
+                items.append((prepared.inputs, prepared.label, prepared.example_id))
+        return items
+
     def replay(self, record: AttackRecord, dataset: datasets.Dataset) -> ReplayResult:
         """Reapply `record`'s mask to its example in `dataset` and return the model's prediction."""
         position = list(dataset["example_id"]).index(record.example_id)

@@ -29,6 +29,9 @@ def summarize(records: Iterable[AttackRecord], num_layers: int, num_heads: int) 
     - `mean_queries` and `median_queries` cover every attacked example (success or give-up);
       `mean_queries_success` only successes. A query is one forward pass with a perturbed mask;
       ranking and saliency passes are counted in `mean_model_evaluations` only.
+    - `mean_layer_evaluations`: over evaluated examples (misclassified ones included), the
+      attention-layer evaluations the search spent, after prefix reuse and with the queries that
+      a batch evaluated after a success. It measures cost; the other figures measure decisions.
     - `mean_hamming`: over successes, the masked units per perturbed attention matrix.
       `masked_fraction`: over successes, the mean of masked units / candidate units of the
       perturbed matrices.
@@ -69,6 +72,7 @@ def summarize(records: Iterable[AttackRecord], num_layers: int, num_heads: int) 
         "median_queries": statistics.median(queries) if queries else None,
         "mean_queries_success": _mean([record.queries for record in successes]),
         "mean_model_evaluations": _mean([record.model_evaluations for record in attacked]),
+        "mean_layer_evaluations": _mean([record.layer_evaluations for record in evaluated]),
         "mean_hamming": _mean([record.hamming for record in successes]),
         "masked_fraction": _mean(
             [record.num_masked_units / record.candidate_units for record in successes if record.candidate_units]
@@ -110,6 +114,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("median queries (attacked)", _number(report["median_queries"])),
         ("mean queries (successes)", _number(report["mean_queries_success"])),
         ("mean model evaluations", _number(report["mean_model_evaluations"])),
+        ("mean layer evaluations", _number(report.get("mean_layer_evaluations"))),
         ("mean Hamming (successes)", _number(report["mean_hamming"])),
         ("masked fraction (successes)", _percent(report["masked_fraction"])),
         ("ranking fallbacks", f"{report['ranking_fallbacks']} in {report['examples_with_ranking_fallback']} examples"),

@@ -1,12 +1,11 @@
 #!/bin/bash
-# HackAttend on 500 DREAM dev questions (seeded sample) against the fine-tuned MiniLM:
-# full scale, half scale, random baseline. A query batch of 4 wastes fewer forwards after an early
-# success on CPU; batch sizes never change the search's decisions.
+# HackAttend on 500 DREAM dev questions (seeded sample) against the fine-tuned MiniLM
+# (runs/victims/minilm-dream-continued, see docs/victims.md): full scale, half scale, random baseline.
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-MODEL=runs/victims/minilm-dream
-COMMON="--model $MODEL --dataset dream --split dev --data-dir ../shared/data --limit 500 --alpha 0.01 --query-batch-size 4"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+MODEL=runs/victims/minilm-dream-continued
+COMMON="--model $MODEL --dataset dream --split dev --data-dir ../shared/data --limit 500 --alpha 0.01"
 run() {
   name=$1; shift
   echo "== $name: start $(date -u +%FT%TZ)"
