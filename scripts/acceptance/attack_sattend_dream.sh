@@ -1,16 +1,23 @@
 #!/bin/bash
-# HackAttend (alpha 1%, full scale) on the 500 DREAM dev questions of scripts/acceptance/attack_dream.sh
-# against DREAM S-Attend models (scripts/acceptance/finetune_sattend_dream.sh), named as arguments:
-#   attack_sattend_dream.sh unit-0.1 token-0.2
+# HackAttend (full scale) on the 500 DREAM dev questions of scripts/acceptance/attack_dream.sh, at
+# alpha 1% and 0.1% (the two mask rates of Table 8 in the paper), against DREAM S-Attend models
+# (scripts/acceptance/finetune_sattend_dream.sh) named as arguments. `plain` names the victim
+# runs/victims/minilm-dream-continued, whose alpha 1% attack is runs/attacks/dream-full.
+#   attack_sattend_dream.sh plain unit-0.1 token-0.2
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 for name in "$@"; do
-  out=runs/attacks/sattend-dream-$name
-  if [ -f "$out/report.json" ]; then echo "== $name: already attacked"; continue; fi
-  echo "== $name: start $(date -u +%FT%TZ)"
-  start=$(date +%s)
-  attend-robust attack --model runs/sattend/dream-$name --dataset dream --split dev --data-dir ../shared/data \
-    --limit 500 --alpha 0.01 --output-dir "$out" --no-progress
-  echo "== $name: exit $?, end $(date -u +%FT%TZ), wall $(( $(date +%s) - start )) s"
+  model=runs/sattend/dream-$name
+  [ "$name" = plain ] && model=runs/victims/minilm-dream-continued
+  for alpha in 0.01 0.001; do
+    out=runs/attacks/sattend-dream-$name-alpha$alpha
+    [ "$name" = plain ] && [ "$alpha" = 0.01 ] && continue  # runs/attacks/dream-full
+    if [ -f "$out/report.json" ]; then echo "== $name alpha $alpha: already attacked"; continue; fi
+    echo "== $name alpha $alpha: start $(date -u +%FT%TZ)"
+    start=$(date +%s)
+    attend-robust attack --model "$model" --dataset dream --split dev --data-dir ../shared/data \
+      --limit 500 --alpha "$alpha" --output-dir "$out" --no-progress
+    echo "== $name alpha $alpha: exit $?, end $(date -u +%FT%TZ), wall $(( $(date +%s) - start )) s"
+  done
 done
