@@ -466,8 +466,8 @@ class HackAttendSearch:
         """Query the heads of the current layer of each example until it flips or the layer ends.
 
         Each round evaluates the next `step_size` candidate masks of every example still in the
-        layer; the step size starts at 1 and doubles up to `query_batch_size`, so at most as many
-        queries are evaluated after a success as before it.
+        layer. The step size starts at 1 and doubles up to `query_batch_size`. So the queries
+        evaluated after a success are never more than those before it.
         """
         pending = [example for example in examples if states[example].heads]
         while pending:
@@ -560,9 +560,9 @@ def minimum_layer_evaluations(
     """Return the fewest attention-layer evaluations a search with these decisions can make.
 
     Each needed pass (`count_model_evaluations`) costs the layers from the block of its lowest
-    perturbed layer to the top: all layers for the clean pass (which also gives the saliency),
-    `L - l` for the removal of layer `l` or of one of its heads, and for a query, the layers from
-    the lowest layer of its accumulated mask. Backward passes are not counted.
+    perturbed layer to the top. The clean pass, which also gives the saliency, costs all `L`
+    layers. The removal of layer `l`, or of one of its heads, costs `L - l`. A query costs the
+    layers from the lowest layer of its accumulated mask. Backward passes are not counted.
     """
     def cost(layer: int) -> int:
         return num_layers - (layer // layers_per_block) * layers_per_block

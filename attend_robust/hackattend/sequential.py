@@ -1,7 +1,7 @@
 """The sequential HackAttend search: one example, one full forward pass per removal and per query.
 
-This is the search as the paper's Algorithm 1 states it, evaluated the way a plain implementation
-does: each layer removal, head removal and candidate mask is a separate forward pass of one copy of
+This is Algorithm 1 of Liong et al., "Unveiling Vulnerability of Self-Attention" (LREC-COLING
+2024), evaluated the way a plain implementation does. Each layer removal, head removal and candidate mask is a separate forward pass of one copy of
 the example through the whole model, and nothing computed for one pass is reused by another.
 `HackAttendSearch` takes the same decisions with far less work. This module is the baseline that
 the tests and `benchmarks/bench_hackattend_search.py` compare it with.
