@@ -172,3 +172,21 @@ def test_random_rankings_need_no_ranking_passes(wrapped_bert):
         assert result.layer_evaluations == minimum_layer_evaluations(resolved, 3, 4, 1, result.attacked,
                                                                      result.perturbed_heads)
         assert result.model_evaluations == 1 + result.queries if result.attacked else 1
+
+
+def test_model_without_prefix_reuse_runs_full_passes(wrapped_bert):
+    examples = _examples(wrapped_bert, 10, seed=7)
+    config = HackAttendConfig(alpha=0.15, query_batch_size=1)
+    with_reuse = HackAttendSearch(wrapped_bert, config).attack_many(examples)
+    blocks = wrapped_bert._blocks
+    wrapped_bert._blocks = None  # as for a model whose blocks cannot be found
+    try:
+        assert not wrapped_bert.supports_prefix_reuse
+        without_reuse = HackAttendSearch(wrapped_bert, config).attack_many(examples)
+    finally:
+        wrapped_bert._blocks = blocks
+    _assert_same_decisions(without_reuse, with_reuse, examples)
+    for result in without_reuse:
+        passes = 1 + (result.model_evaluations - 2 if result.attacked else 0)  # the gradient shares the clean pass
+        assert result.layer_evaluations == 3 * passes
+    assert sum(r.layer_evaluations for r in with_reuse) < sum(r.layer_evaluations for r in without_reuse)
