@@ -17,6 +17,14 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    url="https://github.com/attend-robust/attend-robust",
+    project_urls={
+        "Homepage": "https://github.com/attend-robust/attend-robust",
+        "Documentation": "https://attend-robust.readthedocs.io",
+        "Source": "https://github.com/attend-robust/attend-robust",
+        "Issues": "https://github.com/attend-robust/attend-robust/issues",
+        "Changelog": "https://github.com/attend-robust/attend-robust/blob/main/CHANGELOG.md",
+    },
     python_requires=">=3.10",
     # The metric folder has no __init__.py: it is an evaluate module and a Hub Space, not a package.
     packages=find_packages(include=["attend_robust", "attend_robust.*"]) + ["attend_robust.metrics.hackattend"],

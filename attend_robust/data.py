@@ -458,8 +458,18 @@ def load_task_dataset(
             original order. Example ids are assigned before sampling, so they do not depend on `limit`.
         seed (`int`, *optional*, defaults to 0):
             Seed of the `limit` sample.
-        text_column, text_pair_column, label_column, question_column, choices_column, context_column (`str`, *optional*):
-            Source columns for the standard columns, for datasets whose names are not recognized.
+        text_column (`str`, *optional*):
+            Source column of the standard `text` column, for a dataset whose names are not recognized.
+        text_pair_column (`str`, *optional*):
+            Source column of `text_pair`, the second text of a sentence-pair task.
+        label_column (`str`, *optional*):
+            Source column of `label`.
+        question_column (`str`, *optional*):
+            Source column of `question` (multiple choice).
+        choices_column (`str`, *optional*):
+            Source column of `choices`, a list of strings (multiple choice).
+        context_column (`str`, *optional*):
+            Source column of `context`, the passage or dialogue (multiple choice).
 
     Returns:
         `datasets.Dataset`: the split with the standard columns only.

@@ -152,9 +152,10 @@ def attention_before_after(
 ) -> dict[str, Any]:
     """Compute the attention map of the flipping head of one successful example, clean and perturbed.
 
-    Loads the run's model and dataset (from `run.json`), re-encodes the example as the attack did,
-    and returns the tokens, both `[S, S]` maps (non-padding tokens only), the head and the masked
-    units. Without `example_id`, the first successful example is used.
+    Loads the run's model and dataset (from `run.json`, with the column mapping under `columns` when it
+    has one), re-encodes the example as the attack did, and returns the tokens, both `[S, S]` maps
+    (non-padding tokens only), the head and the masked units. Without `example_id`, the first
+    successful example is used.
     """
     import torch
     from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer
@@ -177,7 +178,7 @@ def attention_before_after(
             raise ValueError(f"{run.path / 'run.json'} does not name the run's {key}; attention maps need it.")
     dataset = load_task_dataset(
         info["dataset"], info["split"], data_dir=data_dir or info.get("data_dir"),
-        limit=info.get("limit"), seed=info.get("limit_seed", 0),
+        limit=info.get("limit"), seed=info.get("limit_seed", 0), **info.get("columns", {}),
     )
     dataset = dataset.select([record["index"]])
     multiple_choice = task_kind(dataset) == "multiple-choice"

@@ -450,7 +450,8 @@ class SAttendTrainer(Trainer):
         Args:
             hackattend_report (`str`, `Path` or `dict`, *optional*): a HackAttend `report.json` (or its
                 contents) measured on this checkpoint; its results go into the card's `model-index`.
-            args, kwargs: passed to `Trainer.create_model_card`.
+            *args: passed to `Trainer.create_model_card`.
+            **kwargs: passed to `Trainer.create_model_card`.
         """
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():

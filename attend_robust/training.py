@@ -188,8 +188,10 @@ def finetune(
             Folder for the model, tokenizer and JSON files. Created when missing.
         data_dir (`str` or `os.PathLike`, *optional*):
             Folder with local copies of SST-2 and DREAM; see [`resolve_data_dir`].
-        train_limit, eval_limit (`int`, *optional*):
-            Train or evaluate on a seeded random subset of this many examples (questions, for multiple choice).
+        train_limit (`int`, *optional*):
+            Train on a seeded random subset of this many examples (questions, for multiple choice).
+        eval_limit (`int`, *optional*):
+            Evaluate on a seeded random subset of this many dev examples (questions, for multiple choice).
         epochs (`float`, *optional*):
             Number of training epochs. Defaults to the task's Table 9 value (SST-2 3, DREAM 8).
         learning_rate (`float`, *optional*):

@@ -93,3 +93,21 @@ def test_plot_rejects_unfinished_run(tmp_path):
         Run.load(tmp_path)
     assert layer_success_counts(Run(tmp_path, {}, {"clean_correct": 0, "failures": 0, "successes_by_layer": [0, 0]},
                                     {}))["fractions"] == [0.0, 0.0, 0.0]
+
+
+def test_attention_maps_of_run_with_column_options(runs, tmp_path):
+    """A run on a file whose columns needed --text-column and --label-column can still be plotted."""
+    model_dir = runs[0].parent / "victim"
+    data_file = tmp_path / "reviews.tsv"
+    data_file.write_text("review\tsentiment\n" + "".join(f"{text}\t{label}\n" for text, label in SENTENCES))
+    run_dir = tmp_path / "run"
+    assert cli_main(["attack", "--model", str(model_dir), "--dataset", str(data_file), "--text-column", "review",
+                     "--label-column", "sentiment", "--alpha", "0.2", "--output-dir", str(run_dir),
+                     "--no-progress"]) == 0
+    run_info = json.loads((run_dir / "run.json").read_text())["run_info"]
+
+    assert run_info["columns"] == {"text_column": "review", "label_column": "sentiment"}
+    assert json.loads((run_dir / "report.json").read_text())["successes"] > 0
+    maps = plot_runs([run_dir], tmp_path / "plots")["data"]["attention"]
+    assert maps["tokens"][0] == "[CLS]"
+    assert any(name.startswith("run_attention_") for name in (path.name for path in (tmp_path / "plots").iterdir()))

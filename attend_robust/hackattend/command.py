@@ -109,11 +109,13 @@ def run_attack(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     accelerator = default_accelerator()
 
+    columns = {
+        f"{name}_column": getattr(args, f"{name}_column")
+        for name in ("text", "text_pair", "label", "question", "choices", "context")
+        if getattr(args, f"{name}_column") is not None
+    }
     dataset = load_task_dataset(
-        args.dataset, args.split, data_dir=args.data_dir, limit=args.limit, seed=args.limit_seed,
-        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
-        question_column=args.question_column, choices_column=args.choices_column,
-        context_column=args.context_column,
+        args.dataset, args.split, data_dir=args.data_dir, limit=args.limit, seed=args.limit_seed, **columns
     )
     kind = task_kind(dataset)
     model_path = resolve_model_name_or_path(args.model)
@@ -129,6 +131,9 @@ def run_attack(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "limit_seed": args.limit_seed,
     }
+    if columns:
+        # `attend-robust plot` reloads the dataset with the same column mapping for its attention maps.
+        run_info["columns"] = columns
     evaluator = HackAttendEvaluator(
         model, tokenizer, config, output_dir=args.output_dir, accelerator=accelerator,
         progress=args.progress, run_info=run_info,
