@@ -52,6 +52,7 @@ class AttentionMaskedModel(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
+        model = _base_of_peft_model(model)
         if not isinstance(model, PreTrainedModel):
             raise TypeError(
                 f"AttentionMaskedModel wraps a transformers PreTrainedModel, got {type(model).__name__}. "
@@ -349,3 +350,24 @@ class AttentionMaskedModel(nn.Module):
         return nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="sum", ignore_index=-100
         )
+
+
+def _base_of_peft_model(model: Any) -> Any:
+    """Return the transformers model inside a PEFT adapter model, with its adapter layers in place.
+
+    Adapters that change only weights (LoRA, IA3, ...) run inside the base model's modules, so the
+    base model's forward is the adapter model's forward. Prompt-learning adapters (prompt and
+    prefix tuning) add inputs outside it and are rejected.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    peft_config = getattr(model, "peft_config", None)
+    if get_base_model is None or not isinstance(peft_config, dict) or isinstance(model, PreTrainedModel):
+        return model
+    active = getattr(model, "active_adapter", None)
+    config = peft_config.get(active) if isinstance(active, str) else None
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        raise TypeError(
+            f"{type(model).__name__} uses prompt learning ({config.peft_type}), which adds inputs outside the base "
+            "model, so its attention cannot be masked as the adapter model runs it. Use a weight adapter such as LoRA."
+        )
+    return get_base_model()

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+from attend_robust import AttentionMaskedModel
 from attend_robust._state import active_plan
 from attend_robust.hub import check_model_card
 from attend_robust.sattend import SAttendTrainer, SAttendTrainingArguments, mask_seed
@@ -493,3 +494,33 @@ def test_peft_lora_model(tmp_path):
     assert card.data.library_name == "peft"
     assert "s-attend" in card.data.tags
     assert "## S-Attend training" in card.text
+
+
+def test_peft_lora_model_is_attacked_as_it_runs():
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model("bert", num_labels=3)
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                              init_lora_weights=False)
+    ).eval()
+    batch = make_batch("bert", lengths=(7, 5))
+    with torch.no_grad():
+        expected = lora(**batch).logits
+        with lora.disable_adapter():
+            assert not torch.allclose(lora(**batch).logits, expected), "the adapter must change the outputs"
+    wrapped = AttentionMaskedModel(lora)
+    assert wrapped.model is base
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        keep = torch.ones(wrapped.num_layers, wrapped.num_heads, 7, 7, dtype=torch.bool)
+        keep[-1, :, :, 1:] = False
+        assert not torch.allclose(wrapped(**batch, unit_mask=keep).logits, expected)
+    wrapped.unwrap()
+
+
+def test_prompt_tuning_model_is_rejected():
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model("bert", num_labels=3)
+    prompt = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="prompt learning"):
+        AttentionMaskedModel(prompt)
