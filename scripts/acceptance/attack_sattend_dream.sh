@@ -4,13 +4,14 @@
 # (scripts/acceptance/finetune_sattend_dream.sh) named as arguments. `plain` names the victim
 # runs/victims/minilm-dream-continued, whose alpha 1% attack is runs/attacks/dream-full.
 #   attack_sattend_dream.sh plain unit-0.1 token-0.2
+#   ALPHAS=0.01 attack_sattend_dream.sh unit-0.1   # one alpha only
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 for name in "$@"; do
   model=runs/sattend/dream-$name
   [ "$name" = plain ] && model=runs/victims/minilm-dream-continued
-  for alpha in 0.01 0.001; do
+  for alpha in ${ALPHAS:-0.01 0.001}; do
     out=runs/attacks/sattend-dream-$name-alpha$alpha
     [ "$name" = plain ] && [ "$alpha" = 0.01 ] && continue  # runs/attacks/dream-full
     if [ -f "$out/report.json" ]; then echo "== $name alpha $alpha: already attacked"; continue; fi
