@@ -65,6 +65,20 @@ def select_rows(output: Any, rows: torch.Tensor, num_sequences: int) -> Any:
     return output
 
 
+def concatenate_rows(outputs: list[Any], num_sequences: int) -> Any:
+    """Concatenate recorded block outputs of several passes along their sequence dimension.
+
+    Tensors whose first dimension is `num_sequences` are concatenated; anything else (a tensor
+    shared by every sequence, `None`) is taken from the first pass.
+    """
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs) if first.shape[:1] == (num_sequences,) else first
+    if isinstance(first, tuple):
+        return tuple(concatenate_rows([output[index] for output in outputs], num_sequences) for index in range(len(first)))
+    return first
+
+
 def _block_forward(original: Callable, *args: Any, **kwargs: Any) -> Any:
     plan = active_plan()
     if plan is None:

@@ -21,8 +21,8 @@ The search, for an example the model predicts correctly:
 Every candidate mask is fixed once the rankings are known, so the search needs little of the
 work a one-query-per-pass implementation does, and still takes every decision that one takes:
 
-- One clean pass per group of examples gives the predictions, the unit saliency (one backward
-  pass) and every block's output. A removal or query whose lowest perturbed layer is `l` starts
+- One clean pass per example gives its prediction, its unit saliency (one backward pass) and
+  every block's output. A removal or query whose lowest perturbed layer is `l` starts
   at the block of `l` from those outputs, so the layers below `l` are not evaluated again.
 - Examples with the same input shape are searched together: their removals and queries share
   forward passes. Each example's queries are evaluated a few at a time in greedy order (1, then
@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .._prefix import PrefixReuse, select_rows
+from .._prefix import PrefixReuse, concatenate_rows, select_rows
 from .._state import SaliencyCapture
 from ..masked_model import AttentionMaskedModel
 from .config import HackAttendConfig
@@ -257,7 +257,7 @@ class HackAttendSearch:
             state = _ExampleState(label=label, key=key, result=result, done=not result.attacked)
             state.layer_evaluations = self.wrapped.num_layers
             if result.attacked:
-                self._prepare_units(state, group, position, saliency, attention)
+                self._prepare_units(state, group, position, saliency[position], attention[position])
             states.append(state)
 
         attacked = [position for position, state in enumerate(states) if not state.done]
@@ -275,33 +275,50 @@ class HackAttendSearch:
 
     def _clean_pass(
         self, group: _Group, labels: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Run the clean inputs once: predictions, recorded blocks, and the unit saliency if needed.
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Run each clean example once: prediction, recorded blocks, and the unit saliency if needed.
 
-        Returns `[E, K]` probabilities, the `[E * N, L, H, S, S]` dL/dp (or dL/dM) of the correctly
-        predicted examples (`None` when not needed) and the attention probabilities (`None` with
-        random unit ranking).
+        Returns `[E, K]` probabilities, and per example the `[N, L, H, S, S]` dL/dp (or dL/dM) when
+        it is predicted correctly and the unit ranking needs it, and the attention probabilities
+        (`None` with random unit ranking). Each example runs alone, as the sequential search runs
+        it. Batched saliency differs in the last float digits, which can swap two units whose
+        scores nearly tie and so change a mask.
         """
+        probabilities, saliency, attention, recorded = [], [], [], []
+        for position in range(group.num_examples):
+            inputs = {name: tensor[position : position + 1] for name, tensor in group.inputs.items()}
+            example = self._clean_example(inputs, labels[position])
+            probabilities.append(example[0])
+            saliency.append(example[1])
+            attention.append(example[2])
+            recorded.append(example[3])
+        group.recorded_blocks = {
+            block: concatenate_rows([outputs[block] for outputs in recorded], group.num_sequences)
+            for block in recorded[0]
+        }
+        return torch.stack(probabilities), saliency, attention
+
+    def _clean_example(
+        self, inputs: dict[str, torch.Tensor], label: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[int, Any]]:
         method = self.config.unit_ranking
         gradient_method = {"gradient": "gradient", "gradient-largest": "gradient", "mask-gradient": "mask-gradient"}
         needs_gradient = method in gradient_method
         capture = None if method == "random" else SaliencyCapture(with_probes=needs_gradient)
-        plan = self.wrapped.make_plan(group.inputs, capture=capture, record_blocks=True)
+        plan = self.wrapped.make_plan(inputs, capture=capture, record_blocks=True)
         with torch.set_grad_enabled(needs_gradient):
-            logits = self.wrapped.run_plan(plan, **group.inputs).logits.float()
-        group.recorded_blocks = plan.recorded_blocks or {}
-        probabilities = class_probabilities(logits.detach()).cpu()
+            logits = self.wrapped.run_plan(plan, **inputs).logits.float()
+        probabilities = class_probabilities(logits.detach())[0].cpu()
+        recorded = plan.recorded_blocks or {}
         if capture is None:
-            return probabilities, None, None
+            return probabilities, None, None, recorded
 
         num_layers = self.wrapped.num_layers
         attention = torch.stack([capture.probabilities[layer] for layer in range(num_layers)], dim=1).float()
-        targets = torch.tensor(labels, device=logits.device)
-        correct = probabilities.argmax(dim=-1).to(targets.device) == targets
-        if not needs_gradient or not bool(correct.any()):
-            return probabilities, None, attention.cpu()
-        # Summed over examples, so each example's gradient is the one it would have alone.
-        loss = torch.nn.functional.cross_entropy(logits, targets.masked_fill(~correct, -100), reduction="sum")
+        if not needs_gradient or int(probabilities.argmax()) != label:
+            return probabilities, None, attention.cpu(), recorded
+        target = torch.tensor([label], device=logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         probes = [capture.probes[layer] for layer in range(num_layers)]
         gradients = torch.autograd.grad(loss, probes, allow_unused=True)
         gradient = torch.stack(
@@ -309,7 +326,7 @@ class HackAttendSearch:
         ).float()
         if gradient_method[method] == "mask-gradient":
             gradient = attention * (gradient - (attention * gradient).sum(dim=-1, keepdim=True))
-        return probabilities, gradient.cpu(), attention.cpu()
+        return probabilities, gradient.cpu(), attention.cpu(), recorded
 
     def _prepare_units(
         self,
@@ -319,11 +336,13 @@ class HackAttendSearch:
         saliency: torch.Tensor | None,
         attention: torch.Tensor | None,
     ) -> None:
-        """Set the example's candidates, budgets and unit scores (higher is masked earlier)."""
+        """Set the example's candidates, budgets and unit scores (higher is masked earlier).
+
+        `saliency` and `attention` are this example's `[N, L, H, S, S]` tensors from `_clean_pass`.
+        """
         attention_mask = group.attention_mask[position]  # [N, S]
         state.candidates = candidate_units(attention_mask, self.config.protect_first_token)
         state.budgets = [units_per_matrix(self.config.alpha, int(n)) for n in attention_mask.sum(dim=-1).tolist()]
-        rows = slice(position * group.num_sequences, (position + 1) * group.num_sequences)
         shape = (group.num_sequences, self.wrapped.num_layers, self.wrapped.num_heads, group.seq_len, group.seq_len)
         state.fallback = torch.zeros(shape[:3], dtype=torch.bool)
         method = self.config.unit_ranking
@@ -333,15 +352,15 @@ class HackAttendSearch:
             return
         assert attention is not None
         if method == "score":
-            state.scores = attention[rows]
+            state.scores = attention
             return
         assert saliency is not None
         # Masking lowers a unit's probability, which raises the loss most where dL/dp (or dL/dM) is
         # most negative. Largest dL/dp first ("gradient-largest") lowers the loss instead.
-        scores = saliency[rows] if method == "gradient-largest" else -saliency[rows]
+        scores = saliency if method == "gradient-largest" else -saliency
         on_candidates = scores.abs() * state.candidates[:, None, None].to(scores.dtype)
         state.fallback = on_candidates.amax(dim=(-2, -1)) == 0  # [N, L, H]
-        state.scores = torch.where(state.fallback[..., None, None], attention[rows], scores)
+        state.scores = torch.where(state.fallback[..., None, None], attention, scores)
 
     # ------------------------------------------------------------------ forwards
 
