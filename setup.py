@@ -56,7 +56,7 @@ setup(
             "mkdocstrings[python]>=1.0",
         ],
     },
-    entry_points={"console_scripts": ["attend-robust=attend_robust.cli:main"]},
+    entry_points={"console_scripts": ["attend-robust=attend_robust.cli:run"]},
     classifiers=[
         "Development Status :: 3 - Alpha",
         "Intended Audience :: Science/Research",

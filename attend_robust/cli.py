@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+TRACEBACK_ENV = "ATTEND_ROBUST_TRACEBACK"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +60,27 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the subcommand; errors propagate as exceptions."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Run the command for the console script: invalid input prints one error line, not a traceback.
+
+    `ValueError`, `FileNotFoundError` and `TypeError` are what the package raises for invalid
+    arguments, data and models. Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the
+    traceback instead. Every other exception keeps its traceback.
+    """
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"attend-robust: error: {error}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -304,7 +304,8 @@ def _pick_column(dataset: datasets.Dataset, given: str | None, candidates: tuple
     if required:
         raise ValueError(
             f"Dataset {source!r} has none of the columns {list(candidates)} expected for {role}; its "
-            f"columns are {dataset.column_names}. Pass {role}=<column name>."
+            f"columns are {dataset.column_names}. Pass {role}=<column name> "
+            f"(--{role.replace('_', '-')} on the attend-robust command line)."
         )
     return None
 

@@ -33,6 +33,7 @@ class Run:
     config: dict[str, Any]
     report: dict[str, Any]
     run_info: dict[str, Any]
+    dataset_fingerprint: str | None = None  # of the attacked example ids, as in run.json
 
     @classmethod
     def load(cls, path: str | Path) -> "Run":
@@ -46,8 +47,11 @@ class Run:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         run_file = path / "run.json"
-        run_info = json.loads(run_file.read_text(encoding="utf-8")).get("run_info", {}) if run_file.is_file() else {}
-        return cls(path=path, config=config, report=report, run_info=run_info)
+        saved_run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        return cls(
+            path=path, config=config, report=report, run_info=saved_run.get("run_info", {}),
+            dataset_fingerprint=saved_run.get("dataset_fingerprint"),
+        )
 
     @property
     def label(self) -> str:
@@ -95,7 +99,7 @@ def plot_layer_successes(runs: Sequence[Run], output_dir: Path) -> tuple[list[Pa
         positions = np.arange(len(counts["labels"])) + offset * width
         axis.bar(positions, counts["fractions"], width=width, label=run.path.name)
     axis.set_xticks(np.arange(len(data[0]["labels"])) + 0.4 - width / 2, data[0]["labels"])
-    axis.set_xlabel("layer of the flipping head (-1: attack failed)")
+    axis.set_xlabel("layer of the flipping head, from 1 (-1: attack failed; records count layers from 0)")
     axis.set_ylabel("fraction of attacked examples")
     axis.set_title("HackAttend successes by layer")
     axis.legend(fontsize="small")
@@ -109,8 +113,8 @@ def plot_head_heatmap(run: Run, output_dir: Path) -> tuple[list[Path], list[list
     image = axis.imshow(np.array(counts), cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(counts[0])), [str(head + 1) for head in range(len(counts[0]))])
     axis.set_yticks(range(len(counts)), [str(layer + 1) for layer in range(len(counts))])
-    axis.set_xlabel("head")
-    axis.set_ylabel("layer")
+    axis.set_xlabel("head, from 1 (records count from 0)")
+    axis.set_ylabel("layer, from 1")
     axis.set_title(f"Successes by head: {run.path.name}")
     figure.colorbar(image, ax=axis, label="successful examples")
     return _save(figure, output_dir, f"{run.path.name}_successes_by_head"), counts
@@ -161,6 +165,7 @@ def attention_before_after(
     from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer
 
     from .data import encode_dataset, load_task_dataset, task_kind
+    from .hackattend.evaluator import ids_fingerprint
     from .masked_model import AttentionMaskedModel
     from .models import resolve_model_name_or_path
 
@@ -180,9 +185,17 @@ def attention_before_after(
         info["dataset"], info["split"], data_dir=data_dir or info.get("data_dir"),
         limit=info.get("limit"), seed=info.get("limit_seed", 0), **info.get("columns", {}),
     )
+    ids = [str(value) for value in dataset["example_id"]]
+    same_ids = run.dataset_fingerprint is None or ids_fingerprint(ids) == run.dataset_fingerprint
+    if not same_ids or record["index"] >= len(ids) or ids[record["index"]] != record["example_id"]:
+        raise ValueError(
+            f"The dataset loaded for {run.path} (data folder {data_dir or info.get('data_dir') or 'the default'}) "
+            f"is not the one attacked: its example ids differ, or example {record['example_id']!r} is not at "
+            f"position {record['index']}. Pass the attack's --data-dir, or --no-attention to skip the attention maps."
+        )
     dataset = dataset.select([record["index"]])
     multiple_choice = task_kind(dataset) == "multiple-choice"
-    model_path = resolve_model_name_or_path(info["model"])
+    model_path = resolve_model_name_or_path(info.get("model_path") or info["model"])
     model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
     model = model_class.from_pretrained(model_path, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -249,7 +262,10 @@ def plot_attention_before_after(maps: dict[str, Any], output_dir: Path, stem: st
     for query, key in maps["masked_units"]:
         if query < len(tokens) and key < len(tokens):
             axes[1].add_patch(plt.Rectangle((key - 0.5, query - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
-    figure.suptitle(f"example {maps['example_id']}: layer {maps['layer'] + 1}, head {maps['head'] + 1}")
+    figure.suptitle(
+        f"example {maps['example_id']}: layer {maps['layer'] + 1}, head {maps['head'] + 1} "
+        f"(from 1; layer {maps['layer']}, head {maps['head']} in the records)"
+    )
     return _save(figure, output_dir, stem)
 
 

@@ -218,6 +218,7 @@ def finetune(
         `train_runtime` (seconds), `wall_time_s`, and the number of train and dev examples and of
         truncated ones.
     """
+    import torch
     import transformers
     from transformers import (
         AutoTokenizer,
@@ -285,6 +286,8 @@ def finetune(
         "save_strategy": "no",
         "eval_strategy": "no",
         "report_to": "none",
+        # Pinned memory only speeds up copies to an accelerator; on CPU, torch warns about it.
+        "dataloader_pin_memory": torch.accelerator.is_available(),
     }
     arguments_class, trainer_class = TrainingArguments, Trainer
     if sattend_alpha > 0:

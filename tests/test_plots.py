@@ -111,3 +111,33 @@ def test_attention_maps_of_run_with_column_options(runs, tmp_path):
     maps = plot_runs([run_dir], tmp_path / "plots")["data"]["attention"]
     assert maps["tokens"][0] == "[CLS]"
     assert any(name.startswith("run_attention_") for name in (path.name for path in (tmp_path / "plots").iterdir()))
+
+
+def test_plot_after_demo_style_run_uses_saved_paths(runs, tmp_path, monkeypatch):
+    """A run on `sst2` from a data folder is plotted from another working folder, and a wrong folder is rejected."""
+    model_dir = runs[0].parent / "victim"
+    for name, rows in (("small", SENTENCES[:6]), ("large", SENTENCES)):
+        folder = tmp_path / name / "sst2"
+        folder.mkdir(parents=True)
+        write_tsv(folder / "dev.tsv", rows)
+    run_dir = tmp_path / "run"
+    assert cli_main(["attack", "--model", str(model_dir), "--dataset", "sst2", "--split", "dev", "--data-dir",
+                     str(tmp_path / "small"), "--alpha", "0.2", "--output-dir", str(run_dir), "--no-progress"]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["run_info"]["data_dir"] == str((tmp_path / "small").resolve())
+
+    monkeypatch.chdir(tmp_path / "large")  # no shared data folder here; the saved paths are used
+    maps = plot_runs([run_dir], tmp_path / "plots")["data"]["attention"]
+    assert maps["tokens"][0] == "[CLS]"
+    with pytest.raises(ValueError, match="is not the one attacked"):
+        plot_runs([run_dir], tmp_path / "plots-wrong", data_dir=str(tmp_path / "large"))
+
+
+def test_cli_prints_invalid_input_without_traceback(tmp_path, capsys):
+    from attend_robust.cli import run
+
+    assert run(["attack", "--model", str(tmp_path / "missing"), "--dataset", "sst2", "--split", "dev",
+                "--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("attend-robust: error: ")
+    assert "Traceback" not in error
+    assert "ATTEND_ROBUST_TRACEBACK=1" in error

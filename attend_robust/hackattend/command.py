@@ -100,7 +100,7 @@ def run_attack(args: argparse.Namespace) -> int:
     # Imported here so that `attend-robust --help` stays fast.
     from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..data import MULTIPLE_CHOICE, load_task_dataset, task_kind
+    from ..data import MULTIPLE_CHOICE, load_task_dataset, resolve_data_dir, task_kind
     from ..models import resolve_model_name_or_path
     from .evaluator import HackAttendEvaluator, default_accelerator
 
@@ -131,6 +131,12 @@ def run_attack(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "limit_seed": args.limit_seed,
     }
+    # Absolute paths, so that `attend-robust plot` finds the model and the data from any folder.
+    if Path(args.model).is_dir():
+        run_info["model_path"] = str(Path(args.model).resolve())
+    data_dir = resolve_data_dir(args.data_dir)
+    if data_dir is not None:
+        run_info["data_dir"] = str(data_dir.resolve())
     if columns:
         # `attend-robust plot` reloads the dataset with the same column mapping for its attention maps.
         run_info["columns"] = columns

@@ -44,7 +44,8 @@ REPORT_FILE = "report.json"
 _INPUT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _ids_fingerprint(example_ids: list[str]) -> str:
+def ids_fingerprint(example_ids: list[str]) -> str:
+    """Return the SHA-256 of a dataset's example ids in order; `run.json` stores it to detect another dataset."""
     return hashlib.sha256("\n".join(example_ids).encode("utf-8")).hexdigest()
 
 
@@ -284,7 +285,7 @@ class HackAttendEvaluator:
         example_ids = [str(value) for value in dataset["example_id"]]
         if len(set(example_ids)) != len(example_ids):
             raise ValueError("The dataset's example_id values repeat. Every example needs a unique id so that a run can resume.")
-        fingerprint = _ids_fingerprint(example_ids)
+        fingerprint = ids_fingerprint(example_ids)
         accelerator = self.accelerator
 
         done: set[str] = set()
