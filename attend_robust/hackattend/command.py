@@ -134,8 +134,8 @@ def run_attack(args: argparse.Namespace) -> int:
     # Absolute paths, so that `attend-robust plot` finds the model and the data from any folder.
     if Path(args.model).is_dir():
         run_info["model_path"] = str(Path(args.model).resolve())
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is not None:
+    data_dir = resolve_data_dir(args.data_dir) if args.dataset.strip().lower().replace("-", "") in ("sst2", "dream") else None
+    if data_dir is not None:  # only the built-in datasets are read from a data folder
         run_info["data_dir"] = str(data_dir.resolve())
     if columns:
         # `attend-robust plot` reloads the dataset with the same column mapping for its attention maps.
