@@ -69,12 +69,13 @@ def run(argv: list[str] | None = None) -> int:
     """Run the command for the console script: invalid input prints one error line, not a traceback.
 
     `ValueError`, `FileNotFoundError` and `TypeError` are what the package raises for invalid
-    arguments, data and models. Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the
+    arguments, data and models, and `ConnectionError` what `datasets` and `huggingface_hub` raise
+    when a name is not found locally and the Hub cannot be reached. Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the
     traceback instead. Every other exception keeps its traceback.
     """
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, FileNotFoundError, TypeError, ConnectionError) as error:
         if os.environ.get(TRACEBACK_ENV):
             raise
         print(f"attend-robust: error: {error}", file=sys.stderr)
