@@ -1,5 +1,5 @@
 #!/bin/bash
-# S-Attend on DREAM (issue 4): the second stage of the DREAM victim's recipe
+# S-Attend on DREAM: the second stage of the DREAM victim's recipe
 # (scripts/acceptance/finetune_dream_continued.sh: 1,200 questions, 1 epoch, lr 1e-4, seed 7, from
 # runs/victims/minilm-dream) with S-Attend at one granularity and alpha. The plain second stage is
 # runs/victims/minilm-dream-continued, so the two differ only in the masking.

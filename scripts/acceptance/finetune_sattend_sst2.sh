@@ -1,5 +1,5 @@
 #!/bin/bash
-# S-Attend grid on SST-2 (issue 4): all-MiniLM-L6-v2 fine-tuned on the first 2,000 SST-2 training
+# S-Attend grid on SST-2: all-MiniLM-L6-v2 fine-tuned on a seeded subset of 2,000 SST-2 training
 # sentences for 2 epochs, plain and with S-Attend at alpha 0.1, 0.2 and 0.5 at unit and token
 # granularity. Every model shares the data, seed and schedule; only the masking differs.
 # A model whose folder already holds config.json is skipped, so the script can be rerun after a stop.
