@@ -1,10 +1,9 @@
 """Time the HackAttend search against the sequential search on the same victims and examples.
 
-For each task, one process runs (a) `SequentialHackAttendSearch`, which evaluates every layer
-removal, head removal and query as its own forward pass of one copy of the example through the
-whole model, the way a plain implementation of Algorithm 1 does, and (b) `HackAttendSearch`,
-which searches examples of one shape together and starts every pass at its lowest perturbed
-block. The script checks that both take every decision alike (success, queries, perturbed heads,
+For each task, one process runs two searches. (a) `SequentialHackAttendSearch` evaluates every
+layer removal, head removal and query as its own forward pass of one copy of the example through
+the whole model, the way a plain implementation of Algorithm 1 does. (b) `HackAttendSearch`
+searches examples of one shape together and starts every pass at its lowest perturbed block. The script checks that both take every decision alike (success, queries, perturbed heads,
 masked units, layer order) and reports examples per second, the throughput ratio, attention-layer
 evaluations per example against the minimum these decisions need, and peak memory.
 
