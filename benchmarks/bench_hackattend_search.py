@@ -10,9 +10,9 @@ evaluations per example against the minimum these decisions need, and peak memor
 Both searches run in the same process, one after the other, and the script records wall time and
 process CPU time for each. With one torch thread on a machine shared with other jobs, the CPU-time
 ratio is the steadier figure. Targets on 2 CPU cores: a throughput ratio of at least 5, and layer evaluations at most 1.5 times
-the minimum. On a GPU, the time per successful example is the figure to set beside Table 4 of
-Liong et al., "Unveiling Vulnerability of Self-Attention" (LREC-COLING 2024): 0.6 to 0.7 s on
-DREAM and ReClor and 23.8 s on SST-2 for BERT-base on a TITAN RTX.
+the minimum. On a GPU, the time per successful example is the figure to set beside Table 4 of Liong et al.,
+"Unveiling Vulnerability of Self-Attention" (LREC-COLING 2024). That table gives 0.6 to 0.7 s on
+DREAM and ReClor, and 23.8 s on SST-2, for BERT-base on a TITAN RTX.
 
     python benchmarks/bench_hackattend_search.py --data-dir ../shared/data \\
         --sst2-model runs/victims/minilm-sst2 --dream-model runs/victims/minilm-dream-continued \\
@@ -97,6 +97,19 @@ class PeakMemory:
             self._thread.join()
 
 
+def phase_summary(seconds: float, cpu_seconds: float, examples: int, successes: int, layer_evaluations: list[int],
+                  memory: PeakMemory) -> dict:
+    """Summarize one search's run: times, throughput, layer evaluations per example and peak memory."""
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "examples_per_second": examples / seconds,
+        "seconds_per_success": seconds / successes if successes else None,
+        "layer_evaluations_per_example": statistics.mean(layer_evaluations),
+        "peak_memory_mib": memory.peak_bytes / 2**20,
+    }
+
+
 def run_task(task: str, model_path: str, count: int, args: argparse.Namespace) -> dict:
     model_class = AutoModelForMultipleChoice if task == "dream" else AutoModelForSequenceClassification
     model = model_class.from_pretrained(model_path, attn_implementation="eager").to(args.device).eval()
@@ -157,22 +170,9 @@ def run_task(task: str, model_path: str, count: int, args: argparse.Namespace) -
         "attack_success_rate": successes / attacked if attacked else None,
         "mean_queries": statistics.mean(r.queries for r in fast_results if r.attacked) if attacked else None,
         "decision_mismatches": mismatches,
-        "sequential": {
-            "seconds": sequential_seconds,
-            "cpu_seconds": sequential_cpu,
-            "examples_per_second": len(items) / sequential_seconds,
-            "seconds_per_success": sequential_seconds / successes if successes else None,
-            "layer_evaluations_per_example": statistics.mean(sequential_layers),
-            "peak_memory_mib": sequential_memory.peak_bytes / 2**20,
-        },
-        "optimised": {
-            "seconds": fast_seconds,
-            "cpu_seconds": fast_cpu,
-            "examples_per_second": len(items) / fast_seconds,
-            "seconds_per_success": fast_seconds / successes if successes else None,
-            "layer_evaluations_per_example": statistics.mean(fast_layers),
-            "peak_memory_mib": fast_memory.peak_bytes / 2**20,
-        },
+        "sequential": phase_summary(sequential_seconds, sequential_cpu, len(items), successes, sequential_layers,
+                                    sequential_memory),
+        "optimised": phase_summary(fast_seconds, fast_cpu, len(items), successes, fast_layers, fast_memory),
         "minimum_layer_evaluations_per_example": statistics.mean(minimum),
         "throughput_ratio": sequential_seconds / fast_seconds,
         "cpu_time_ratio": sequential_cpu / fast_cpu,

@@ -114,7 +114,7 @@ def test_every_architecture_matches_sequential_search(architecture):
     _assert_same_decisions(fast, [sequential.attack(*example) for example in examples], examples)
 
 
-def test_layer_evaluations_reach_the_minimum_with_one_query_per_step(wrapped_bert):
+def test_single_queries_reach_minimum(wrapped_bert):
     examples = _examples(wrapped_bert, 15, seed=3)
     kwargs = dict(alpha=0.15)
     one = HackAttendSearch(wrapped_bert, HackAttendConfig(**kwargs, query_batch_size=1)).attack_many(examples)

@@ -538,11 +538,7 @@ class HackAttendSearch:
         used_steps = state.steps[: result.queries]
         masked = torch.cat(state.accumulated[: result.queries]) if result.queries else torch.zeros(0, 5, dtype=torch.long)
         result.perturbed_heads = [(int(layer), int(head)) for layer, head in used_steps]
-        result.masked_units = [tuple(int(value) for value in unit) for unit in masked.tolist()]
-        matrices = {(unit[0], unit[1], unit[2]) for unit in result.masked_units}
-        result.num_perturbed_matrices = len(matrices)
-        result.candidate_units = sum(int(state.candidates[sequence].sum()) for sequence, _, _ in matrices)
-        result.ranking_fallbacks = sum(bool(state.fallback[matrix]) for matrix in matrices)
+        record_mask(result, masked, state.candidates, state.fallback)
         last = state.last_probabilities
         if last is not None:
             prediction = int(last.argmax())
@@ -553,6 +549,15 @@ class HackAttendSearch:
             self.config, self.wrapped.num_layers, self.wrapped.num_heads, layers_reached, result.queries
         )
         return result
+
+
+def record_mask(result: SearchResult, masked: torch.Tensor, candidates: torch.Tensor, fallback: torch.Tensor) -> None:
+    """Store the `[m, 5]` masked units in `result`, with the counts of matrices, candidates and fallbacks."""
+    result.masked_units = [tuple(int(value) for value in unit) for unit in masked.tolist()]
+    matrices = {(unit[0], unit[1], unit[2]) for unit in result.masked_units}
+    result.num_perturbed_matrices = len(matrices)
+    result.candidate_units = sum(int(candidates[sequence].sum()) for sequence, _, _ in matrices)
+    result.ranking_fallbacks = sum(bool(fallback[matrix]) for matrix in matrices)
 
 
 def count_model_evaluations(

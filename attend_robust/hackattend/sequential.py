@@ -23,6 +23,7 @@ from .search import (
     class_probabilities,
     count_model_evaluations,
     derived_seed,
+    record_mask,
     select_units,
     units_per_matrix,
 )
@@ -133,11 +134,7 @@ class SequentialHackAttendSearch:
 
         result.queries = len(result.perturbed_heads)
         units = torch.cat(masked) if masked else torch.zeros(0, 5, dtype=torch.long)
-        result.masked_units = [tuple(int(value) for value in unit) for unit in units.tolist()]
-        matrices = {(unit[0], unit[1], unit[2]) for unit in result.masked_units}
-        result.num_perturbed_matrices = len(matrices)
-        result.candidate_units = sum(int(candidates[sequence].sum()) for sequence, _, _ in matrices)
-        result.ranking_fallbacks = sum(bool(fallback[matrix]) for matrix in matrices)
+        record_mask(result, units, candidates, fallback)
         adversarial = int(probabilities.argmax())
         result.adversarial_prediction = adversarial
         result.adversarial_confidence = float(probabilities[adversarial])

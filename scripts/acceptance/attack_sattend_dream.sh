@@ -1,6 +1,6 @@
 #!/bin/bash
 # HackAttend (full scale) on the 500 DREAM dev questions of scripts/acceptance/attack_dream.sh, at
-# alpha 1% and 0.1% (the two mask rates of Table 8 in the paper), against DREAM S-Attend models
+# alpha 1% and 0.1% (the two mask rates of Table 8 of Liong et al., LREC-COLING 2024), against DREAM S-Attend models
 # (scripts/acceptance/finetune_sattend_dream.sh) named as arguments. `plain` names the victim
 # runs/victims/minilm-dream-continued, whose alpha 1% attack is runs/attacks/dream-full.
 #   attack_sattend_dream.sh plain unit-0.1 token-0.2

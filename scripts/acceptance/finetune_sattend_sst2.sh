@@ -2,7 +2,7 @@
 # S-Attend grid on SST-2: all-MiniLM-L6-v2 fine-tuned on a seeded subset of 2,000 SST-2 training
 # sentences for 2 epochs, plain and with S-Attend at alpha 0.1, 0.2 and 0.5 at unit and token
 # granularity. Every model shares the data, seed and schedule; only the masking differs.
-# A model whose folder already holds config.json is skipped, so the script can be rerun after a stop.
+# A model whose folder already contains config.json is skipped, so the script can be rerun after a stop.
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
