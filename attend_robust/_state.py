@@ -80,6 +80,8 @@ class ForwardPlan:
     prefix: Any = None
     recorded_blocks: dict[int, Any] | None = None
     attention_layers_per_block: int = 1
+    # First-token pass (see `_first_token`): after the last attention layer, keep position 0 only.
+    first_token_only: bool = False
     # Number of attention calls so far in this forward, for modules without a fixed layer index.
     calls: int = 0
     block_calls: int = 0

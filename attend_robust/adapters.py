@@ -11,7 +11,8 @@ The core of the package (masks, search, metrics, training hooks) only talks to
   `DisentangledSelfAttention`. A forward pre-hook narrows the attention mask, and a hook on the
   attention dropout post-processes the probabilities.
 
-Adding a family means adding an adapter and one entry in `ADAPTERS_BY_MODEL_TYPE`.
+Adding a family means adding an adapter and one entry in `ADAPTERS_BY_MODEL_TYPE`, and, for
+first-token passes, one entry in `TOKEN_MIXING_OUTPUTS`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def masked_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
 
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [N, H, Q, K]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         # An additive float mask (a caller that built it for eager): finite values are kept.
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
@@ -85,6 +85,18 @@ def masked_attention_forward(
         layer = plan.next_layer(module)
         unit_keep, gates, capture = plan.layer_keep(layer), plan.layer_gates(layer), plan.capture
 
+    num_queries = query.shape[2]
+    first_query_only = (
+        plan is not None and plan.first_token_only and layer == plan.num_layers - 1 and capture is None
+    )
+    if first_query_only:
+        # Only position 0 of the last layer reaches the head (see `_first_token`); the other rows
+        # of the output are left at zero and dropped after the layer's token mixing.
+        query = query[:, :, :1]
+        attention_mask = None if attention_mask is None else attention_mask[..., :1, :]
+        unit_keep = None if unit_keep is None else unit_keep[..., :1, :]
+
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [N, H, Q, K]
     scores, emptied_rows = apply_keep_and_gates(scores, attention_mask, unit_keep)
     # Half-precision scores are normalised in float32, as Llama's eager attention does.
     softmax_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
@@ -93,6 +105,8 @@ def masked_attention_forward(
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
 
     output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()  # [N, Q, H, D]
+    if first_query_only:
+        output = torch.cat([output, output.new_zeros(output.shape[0], num_queries - 1, *output.shape[2:])], dim=1)
     return output, probabilities
 
 
@@ -228,6 +242,46 @@ ADAPTERS_BY_MODEL_TYPE: dict[str, type[ArchitectureAdapter]] = {
     **{model_type: RegistryAdapter for model_type in REGISTRY_MODEL_TYPES},
     **{model_type: DisentangledAttentionAdapter for model_type in DISENTANGLED_MODEL_TYPES},
 }
+
+
+# Per family, the name of the submodule of each layer after which the layer works on each position
+# alone (residual, layer norm, feed-forward). First-token passes keep one position from there on.
+TOKEN_MIXING_OUTPUTS: dict[str, str] = {
+    **{model_type: "attention.output" for model_type in ("bert", "roberta", "xlm-roberta", "electra")},
+    "albert": "attention.LayerNorm",
+    "distilbert": "sa_layer_norm",
+    **{model_type: "attention.output" for model_type in DISENTANGLED_MODEL_TYPES},
+}
+FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
+
+
+def first_token_modules(model: PreTrainedModel) -> list[nn.Module] | None:
+    """Return the modules that end each layer's token mixing, if the model's head reads the first position only.
+
+    That holds for the transformers sequence-classification and multiple-choice classes of the
+    families in `TOKEN_MIXING_OUTPUTS` (pooler or classifier on position 0), with two exceptions:
+    an ELECTRA multiple-choice summary other than `"first"`, and DeBERTa models changed to use
+    the last layer more than once (`z_steps > 1`) or to convolve the output of a single layer.
+    Returns `None` for any other model, which then runs every position of the last layer.
+    """
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    suffix = TOKEN_MIXING_OUTPUTS.get(model_type)
+    model_class = type(model)
+    if suffix is None or not model_class.__module__.startswith("transformers."):
+        return None
+    if not model_class.__name__.endswith(FIRST_TOKEN_HEADS):
+        return None
+    if model_type == "electra" and model_class.__name__.endswith("ForMultipleChoice"):
+        if getattr(config, "summary_type", "first") != "first":
+            return None
+    base = getattr(model, model.base_model_prefix, model)
+    if getattr(base, "z_steps", 0) > 1:
+        return None
+    if getattr(config, "conv_kernel_size", 0) and int(config.num_hidden_layers) == 1:
+        return None
+    modules = [module for name, module in model.named_modules() if name.endswith("." + suffix)]
+    return modules or None
 
 
 def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ._first_token import install_first_token_hooks
 from ._prefix import PrefixReuse, find_blocks, install_block_wrappers, remove_block_wrappers
 from ._state import DenseUnitMask, ForwardPlan, SaliencyCapture, UnitMaskSource, activate
-from .adapters import ArchitectureAdapter, adapter_for
+from .adapters import ArchitectureAdapter, adapter_for, first_token_modules
 
 SaliencyMethod = Literal["gradient", "mask-gradient", "score"]
 SALIENCY_METHODS: tuple[str, ...] = ("gradient", "mask-gradient", "score")
@@ -66,6 +67,9 @@ class AttentionMaskedModel(nn.Module):
         self.num_blocks = int(model.config.num_hidden_layers)
         self.attention_layers_per_block = self.num_layers // self.num_blocks
         self._blocks = find_blocks(model, self.num_blocks) if self.num_layers % self.num_blocks == 0 else None
+        # Modules that end each layer's token mixing, for first-token passes (None: not supported).
+        self._token_mixing_outputs = first_token_modules(model)
+        self._first_token_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = False
         self._install()
 
@@ -74,6 +78,11 @@ class AttentionMaskedModel(nn.Module):
         """Whether a forward pass can start at a given block from recorded hidden states."""
         return self._blocks is not None
 
+    @property
+    def supports_first_token_only(self) -> bool:
+        """Whether the model's head reads only the first position, so a pass may drop the others at the end."""
+        return self._token_mixing_outputs is not None
+
     # ------------------------------------------------------------------ lifecycle
 
     def _install(self) -> None:
@@ -81,6 +90,8 @@ class AttentionMaskedModel(nn.Module):
             self.adapter.install(self.model)
             if self._blocks is not None:
                 install_block_wrappers(self._blocks)
+            if self._token_mixing_outputs is not None:
+                self._first_token_hooks = install_first_token_hooks(self._token_mixing_outputs)
             self._installed = True
 
     def unwrap(self) -> PreTrainedModel:
@@ -89,6 +100,9 @@ class AttentionMaskedModel(nn.Module):
             self.adapter.uninstall(self.model)
             if self._blocks is not None:
                 remove_block_wrappers(self._blocks)
+            for handle in self._first_token_hooks:
+                handle.remove()
+            self._first_token_hooks = []
             self._installed = False
         return self.model
 
@@ -162,11 +176,15 @@ class AttentionMaskedModel(nn.Module):
         capture: SaliencyCapture | None = None,
         prefix: PrefixReuse | None = None,
         record_blocks: bool = False,
+        first_token_only: bool = False,
     ) -> ForwardPlan:
         """Validate `unit_mask` and `head_gates` against `inputs` and build a `ForwardPlan`.
 
         `record_blocks=True` keeps every block's output in `plan.recorded_blocks` after the pass;
         `prefix` skips the blocks below `prefix.start_block` (see `PrefixReuse`).
+        `first_token_only=True` runs the end of the last layer for the first position only (see
+        `supports_first_token_only`): the logits stay the same, but the encoder's last hidden
+        state then has one position.
         """
         leading, seq_len = self.input_shape(inputs)
         num_sequences = 1
@@ -181,6 +199,11 @@ class AttentionMaskedModel(nn.Module):
         gates = None if head_gates is None else self._normalize_head_gates(head_gates, leading, num_sequences)
         if prefix is not None:
             self._check_prefix(prefix, source, gates)
+        if first_token_only and not self.supports_first_token_only:
+            raise ValueError(
+                f"{type(self.model).__name__} has no head known to read the first position only; "
+                "run it with first_token_only=False."
+            )
         return ForwardPlan(
             num_layers=self.num_layers,
             unit_mask=source,
@@ -189,6 +212,7 @@ class AttentionMaskedModel(nn.Module):
             prefix=prefix,
             recorded_blocks={} if record_blocks else None,
             attention_layers_per_block=self.attention_layers_per_block,
+            first_token_only=first_token_only,
         )
 
     def _check_prefix(

@@ -190,3 +190,24 @@ def test_model_without_prefix_reuse_runs_full_passes(wrapped_bert):
         passes = 1 + (result.model_evaluations - 2 if result.attacked else 0)  # the gradient shares the clean pass
         assert result.layer_evaluations == 3 * passes
     assert sum(r.layer_evaluations for r in with_reuse) < sum(r.layer_evaluations for r in without_reuse)
+
+
+@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+def test_removals_and_queries_use_first_token_passes_where_supported(architecture, monkeypatch):
+    wrapped = AttentionMaskedModel(build_tiny_model(architecture, num_labels=3))
+    batch = make_batch(architecture, lengths=(9, 9))
+    rows = [{name: tensor[row : row + 1] for name, tensor in batch.items()} for row in range(2)]
+    examples = [(inputs, int(predict(wrapped, inputs)[0].argmax()), str(row)) for row, inputs in enumerate(rows)]
+    flags = []
+    make_plan = wrapped.make_plan
+
+    def spy(*args, **kwargs):
+        flags.append((kwargs.get("record_blocks", False), kwargs.get("first_token_only", False)))
+        return make_plan(*args, **kwargs)
+
+    monkeypatch.setattr(wrapped, "make_plan", spy)
+    HackAttendSearch(wrapped, HackAttendConfig(alpha=0.3, unit_ranking="score")).attack_many(examples)
+    clean = [first_token for record_blocks, first_token in flags if record_blocks]
+    evaluations = [first_token for record_blocks, first_token in flags if not record_blocks]
+    assert clean == [False, False]  # the clean pass keeps every position for the saliency
+    assert evaluations and set(evaluations) == {architecture == "bert"}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, SDPA_ARCHITECTURES, build_tiny_model, make_batch
+from tiny_models import ARCHITECTURES, ENCODERS, SDPA_ARCHITECTURES, build_tiny_model, make_batch
 from torch import nn
 
 from attend_robust import AttentionMaskedModel
@@ -569,3 +569,85 @@ def test_prefix_reuse_rejects_masks_below_start():
         wrapped.make_plan(batch, head_gates=gates, prefix=prefix)
     with pytest.raises(ValueError, match=r"start_block must be in \[0, 2\)"):
         wrapped.make_plan(batch, prefix=PrefixReuse(2, None))
+
+
+# ---------------------------------------------------------------- first-token passes
+
+
+def _last_layer_masks(wrapped, num_sequences, seq_len):
+    keep = torch.ones(num_sequences, wrapped.num_layers, wrapped.num_heads, seq_len, seq_len, dtype=torch.bool)
+    keep[:, -1, 1, :, 2] = False  # a key column of the last layer, row 0 included
+    keep[0, -1, 0, 0, :] = False  # row 0 of the last layer emptied for the first sequence
+    keep[1, 0, 2, 3, :4] = False  # a first-layer mask, which every position still feels
+    gates = torch.ones(num_sequences, wrapped.num_layers, wrapped.num_heads)
+    gates[2 % num_sequences, -1, 3] = 0
+    return keep, gates
+
+
+@pytest.mark.parametrize("architecture", ENCODERS)
+def test_first_token_pass_matches_full_forward(architecture):
+    wrapped = AttentionMaskedModel(build_tiny_model(architecture))
+    assert wrapped.supports_first_token_only
+    batch = make_batch(architecture)
+    keep, gates = _last_layer_masks(wrapped, 3, batch["input_ids"].shape[1])
+    plan = wrapped.make_plan(batch, unit_mask=keep, head_gates=gates, first_token_only=True)
+    with torch.no_grad():
+        full = wrapped(**batch, unit_mask=keep, head_gates=gates).logits
+        first_token = wrapped.run_plan(plan, **batch).logits
+        again = wrapped(**batch, unit_mask=keep, head_gates=gates).logits  # the hooks are idle outside the plan
+    torch.testing.assert_close(first_token, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", [a for a in ENCODERS if a != "deberta"])  # DeBERTa v1 has no MC head
+def test_first_token_pass_matches_full_forward_for_multiple_choice(architecture):
+    wrapped = AttentionMaskedModel(build_tiny_model(architecture, "multiple-choice"))
+    assert wrapped.supports_first_token_only
+    flat = make_batch(architecture, lengths=(9, 6, 4, 8, 9, 5))
+    batch = {name: value.reshape(2, 3, -1) for name, value in flat.items()}
+    keep, gates = _last_layer_masks(wrapped, 6, 9)
+    clean = wrapped.make_plan(batch, record_blocks=True)
+    with torch.no_grad():
+        wrapped.run_plan(clean, **batch)
+        keep[1, 0] = True  # nothing below the last block is masked, so the pass can start there
+        resumed_full = wrapped(**batch, unit_mask=keep, head_gates=gates).logits
+        prefix = PrefixReuse(wrapped.num_blocks - 1, clean.recorded_blocks[wrapped.num_blocks - 2])
+        plan = wrapped.make_plan(batch, unit_mask=keep, head_gates=gates, prefix=prefix, first_token_only=True)
+        resumed = wrapped.run_plan(plan, **batch).logits
+    torch.testing.assert_close(resumed, resumed_full, atol=1e-5, rtol=0)
+    assert plan.blocks_computed == 1
+
+
+def test_first_token_pass_with_albert_inner_groups():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2, inner_group_num=2,
+                          num_attention_heads=4, intermediate_size=37, num_labels=2)
+    torch.manual_seed(0)
+    wrapped = AttentionMaskedModel(AlbertForSequenceClassification(config).eval())
+    assert wrapped.num_layers == 4
+    batch = make_batch("albert")
+    keep, gates = _last_layer_masks(wrapped, 3, 9)
+    plan = wrapped.make_plan(batch, unit_mask=keep, head_gates=gates, first_token_only=True)
+    with torch.no_grad():
+        full = wrapped(**batch, unit_mask=keep, head_gates=gates).logits
+        first_token = wrapped.run_plan(plan, **batch).logits
+    torch.testing.assert_close(first_token, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "architecture, task", [("gpt2", "sequence-classification"), ("llama", "sequence-classification"),
+                           ("bert", "token-classification"), ("bert", "base")],
+)
+def test_first_token_pass_is_refused_where_the_head_reads_other_positions(architecture, task):
+    wrapped = AttentionMaskedModel(build_tiny_model(architecture, task))
+    assert not wrapped.supports_first_token_only
+    with pytest.raises(ValueError, match="first_token_only=False"):
+        wrapped.make_plan(make_batch(architecture), first_token_only=True)
+
+
+def test_electra_multiple_choice_needs_the_first_token_summary():
+    model = build_tiny_model("electra", "multiple-choice")
+    assert AttentionMaskedModel(model).supports_first_token_only
+    model.config.summary_type = "last"
+    assert not AttentionMaskedModel(model).supports_first_token_only

@@ -36,11 +36,12 @@ search (one example, one query per full forward pass) that tests and the benchma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -95,6 +96,26 @@ class SearchResult:
         if self.num_perturbed_matrices == 0:
             return 0.0
         return len(self.masked_units) / self.num_perturbed_matrices
+
+
+class PhaseTimes:
+    """Wall seconds a search spent in each phase, summed over every example it searched.
+
+    The phases are `"clean and saliency"` (clean forwards and the saliency passes), `"layer ranking"`,
+    `"head ranking"` and `"queries"`. On a GPU the figures include the wait for the device, since
+    every phase ends by copying its probabilities to the CPU.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def measure(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 class SparseUnitMask:
@@ -206,6 +227,7 @@ class HackAttendSearch:
         self.wrapped = wrapped
         self.config = config.resolve(wrapped.num_layers, wrapped.num_heads)
         self._layers_per_block = wrapped.attention_layers_per_block
+        self.phases = PhaseTimes()
 
     def attack(self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str) -> SearchResult:
         """Search an adversarial attention mask for one example.
@@ -245,7 +267,8 @@ class HackAttendSearch:
         started = time.perf_counter()
         group = _Group(examples, self.wrapped.device)
         labels = [int(label) for _, label, _ in examples]
-        probabilities, saliency, attention = self._clean_pass(group, labels)
+        with self.phases.measure("clean and saliency"):
+            probabilities, saliency, attention = self._clean_pass(group, labels)
 
         states: list[_ExampleState] = []
         for position, (_, label, key) in enumerate(examples):
@@ -262,13 +285,16 @@ class HackAttendSearch:
 
         attacked = [position for position, state in enumerate(states) if not state.done]
         if attacked:
-            self._rank_layers(group, states, attacked)
+            with self.phases.measure("layer ranking"):
+                self._rank_layers(group, states, attacked)
             for depth in range(self.config.max_layers):
                 active = [position for position in attacked if not states[position].done]
                 if not active:
                     break
-                self._rank_heads(group, states, active, depth)
-                self._query_layer(group, states, active)
+                with self.phases.measure("head ranking"):
+                    self._rank_heads(group, states, active, depth)
+                with self.phases.measure("queries"):
+                    self._query_layer(group, states, active)
 
         seconds = (time.perf_counter() - started) / len(examples)
         return [self._finish(state, seconds) for state in states]
@@ -408,7 +434,10 @@ class HackAttendSearch:
             rows = (examples[:, None] * num_sequences + torch.arange(num_sequences, device=device)).flatten()
             recorded = group.recorded_blocks[start_block - 1]
             prefix = PrefixReuse(start_block, select_rows(recorded, rows, group.num_examples * num_sequences))
-        plan = self.wrapped.make_plan(inputs, unit_mask=unit_mask, head_gates=head_gates, prefix=prefix)
+        plan = self.wrapped.make_plan(
+            inputs, unit_mask=unit_mask, head_gates=head_gates, prefix=prefix,
+            first_token_only=self.wrapped.supports_first_token_only,
+        )
         return class_probabilities(self.wrapped.run_plan(plan, **inputs).logits).cpu()
 
     # ------------------------------------------------------------------ rankings

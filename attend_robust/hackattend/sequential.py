@@ -17,6 +17,7 @@ import torch
 from ..masked_model import AttentionMaskedModel
 from .config import HackAttendConfig
 from .search import (
+    PhaseTimes,
     SearchResult,
     SparseUnitMask,
     candidate_units,
@@ -40,6 +41,7 @@ class SequentialHackAttendSearch:
         self.wrapped = wrapped
         self.config = config.resolve(wrapped.num_layers, wrapped.num_heads)
         self._passes = 0
+        self.phases = PhaseTimes()
 
     @torch.no_grad()
     def _probabilities(self, inputs, unit_mask=None, head_gates=None) -> torch.Tensor:
@@ -63,7 +65,8 @@ class SequentialHackAttendSearch:
         attention_mask = inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).bool().cpu()
         num_sequences, seq_len = attention_mask.shape
 
-        clean = self._probabilities(inputs)
+        with self.phases.measure("clean and saliency"):
+            clean = self._probabilities(inputs)
         prediction = int(clean.argmax())
         result = SearchResult(
             clean_prediction=prediction, clean_confidence=float(clean[prediction]), attacked=prediction == label
@@ -81,7 +84,8 @@ class SequentialHackAttendSearch:
                 gates = torch.ones(num_layers, num_heads)
                 gates[layer] = 0.0
                 variants.append(gates)
-            layer_order = self._removal_order(inputs, label, variants)
+            with self.phases.measure("layer ranking"):
+                layer_order = self._removal_order(inputs, label, variants)
         result.layer_order = layer_order[: config.max_layers]
 
         # Unit scores, higher masked earlier.
@@ -95,16 +99,19 @@ class SequentialHackAttendSearch:
             scores = torch.rand(shape, generator=generator)
         elif config.unit_ranking == "score":
             self._passes += 1
-            scores = self.wrapped.attention_saliency(inputs, labels, "score").cpu()
+            with self.phases.measure("clean and saliency"):
+                scores = self.wrapped.attention_saliency(inputs, labels, "score").cpu()
         else:
             self._passes += 1
             method = "mask-gradient" if config.unit_ranking == "mask-gradient" else "gradient"
-            saliency = self.wrapped.attention_saliency(inputs, labels, method).cpu()
+            with self.phases.measure("clean and saliency"):
+                saliency = self.wrapped.attention_saliency(inputs, labels, method).cpu()
             scores = saliency if config.unit_ranking == "gradient-largest" else -saliency
             fallback = (scores.abs() * candidates[:, None, None]).amax(dim=(-2, -1)) == 0
             if fallback.any():
                 self._passes += 1
-                attention = self.wrapped.attention_saliency(inputs, labels, "score").cpu()
+                with self.phases.measure("clean and saliency"):
+                    attention = self.wrapped.attention_saliency(inputs, labels, "score").cpu()
                 scores = torch.where(fallback[..., None, None], attention, scores)
 
         # Greedy queries, one forward each.
@@ -120,12 +127,14 @@ class SequentialHackAttendSearch:
                     gates = torch.ones(num_layers, num_heads)
                     gates[layer, head] = 0.0
                     variants.append(gates)
-                heads = self._removal_order(inputs, label, variants)
+                with self.phases.measure("head ranking"):
+                    heads = self._removal_order(inputs, label, variants)
             for head in heads[: config.max_heads]:
-                masked.append(select_units(scores, candidates, budgets, layer, head))
-                result.perturbed_heads.append((layer, head))
-                mask = SparseUnitMask(1, num_sequences, num_heads, seq_len, [torch.cat(masked)], self.wrapped.device)
-                probabilities = self._probabilities(inputs, unit_mask=mask)
+                with self.phases.measure("queries"):
+                    masked.append(select_units(scores, candidates, budgets, layer, head))
+                    result.perturbed_heads.append((layer, head))
+                    mask = SparseUnitMask(1, num_sequences, num_heads, seq_len, [torch.cat(masked)], self.wrapped.device)
+                    probabilities = self._probabilities(inputs, unit_mask=mask)
                 if int(probabilities.argmax()) != label:
                     result.success = True
                     break
