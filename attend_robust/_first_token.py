@@ -7,9 +7,9 @@ the other positions of that block change nothing the head reads. A forward hook 
 that ends the block's token mixing keeps only the first position once the model's last attention
 layer has run. The feed-forward of the last block then costs one position instead of S.
 
-Which module ends the token mixing is a property of the family (see
-`adapters.TOKEN_MIXING_OUTPUTS`); which heads read the first position only is a property of the
-model class (see `adapters.ArchitectureAdapter.first_token_modules`).
+The module that ends the token mixing depends on the family (`adapters.TOKEN_MIXING_OUTPUTS`).
+Whether the head reads the first position only depends on the model class
+(`adapters.first_token_modules`).
 """
 
 from __future__ import annotations

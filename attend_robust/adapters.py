@@ -90,8 +90,8 @@ def masked_attention_forward(
         plan is not None and plan.first_token_only and layer == plan.num_layers - 1 and capture is None
     )
     if first_query_only:
-        # Only position 0 of the last layer reaches the head (see `_first_token`); the other rows
-        # of the output are left at zero and dropped after the layer's token mixing.
+        # Only position 0 of the last layer reaches the head (see `_first_token`). The other rows
+        # of the output stay zero, and the hook after the layer's token mixing drops them.
         query = query[:, :, :1]
         attention_mask = None if attention_mask is None else attention_mask[..., :1, :]
         unit_keep = None if unit_keep is None else unit_keep[..., :1, :]
@@ -258,11 +258,11 @@ FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
 def first_token_modules(model: PreTrainedModel) -> list[nn.Module] | None:
     """Return the modules that end each layer's token mixing, if the model's head reads the first position only.
 
-    That holds for the transformers sequence-classification and multiple-choice classes of the
-    families in `TOKEN_MIXING_OUTPUTS` (pooler or classifier on position 0), with two exceptions:
-    an ELECTRA multiple-choice summary other than `"first"`, and DeBERTa models changed to use
-    the last layer more than once (`z_steps > 1`) or to convolve the output of a single layer.
-    Returns `None` for any other model, which then runs every position of the last layer.
+    The transformers sequence-classification and multiple-choice classes of the families in
+    `TOKEN_MIXING_OUTPUTS` pool or classify position 0. The exceptions are an ELECTRA
+    multiple-choice summary other than `"first"`, and DeBERTa models changed to run the last layer
+    more than once (`z_steps > 1`) or to convolve the output of their only layer. Returns `None`
+    for any other model, which then runs every position of the last layer.
     """
     config = model.config
     model_type = getattr(config, "model_type", None)

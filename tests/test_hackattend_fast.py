@@ -193,7 +193,7 @@ def test_model_without_prefix_reuse_runs_full_passes(wrapped_bert):
 
 
 @pytest.mark.parametrize("architecture", ["bert", "gpt2"])
-def test_removals_and_queries_use_first_token_passes_where_supported(architecture, monkeypatch):
+def test_search_uses_first_token_passes(architecture, monkeypatch):
     wrapped = AttentionMaskedModel(build_tiny_model(architecture, num_labels=3))
     batch = make_batch(architecture, lengths=(9, 9))
     rows = [{name: tensor[row : row + 1] for name, tensor in batch.items()} for row in range(2)]

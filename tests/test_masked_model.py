@@ -599,8 +599,8 @@ def test_first_token_pass_matches_full_forward(architecture):
     torch.testing.assert_close(again, full, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("architecture", [a for a in ENCODERS if a != "deberta"])  # DeBERTa v1 has no MC head
-def test_first_token_pass_matches_full_forward_for_multiple_choice(architecture):
+@pytest.mark.parametrize("architecture", [a for a in ENCODERS if a != "deberta"])  # DeBERTa v1 has no multiple-choice class
+def test_first_token_pass_multiple_choice(architecture):
     wrapped = AttentionMaskedModel(build_tiny_model(architecture, "multiple-choice"))
     assert wrapped.supports_first_token_only
     flat = make_batch(architecture, lengths=(9, 6, 4, 8, 9, 5))
@@ -639,14 +639,14 @@ def test_first_token_pass_with_albert_inner_groups():
     "architecture, task", [("gpt2", "sequence-classification"), ("llama", "sequence-classification"),
                            ("bert", "token-classification"), ("bert", "base")],
 )
-def test_first_token_pass_is_refused_where_the_head_reads_other_positions(architecture, task):
+def test_first_token_pass_rejected_for_other_heads(architecture, task):
     wrapped = AttentionMaskedModel(build_tiny_model(architecture, task))
     assert not wrapped.supports_first_token_only
     with pytest.raises(ValueError, match="first_token_only=False"):
         wrapped.make_plan(make_batch(architecture), first_token_only=True)
 
 
-def test_electra_multiple_choice_needs_the_first_token_summary():
+def test_electra_choice_needs_first_summary():
     model = build_tiny_model("electra", "multiple-choice")
     assert AttentionMaskedModel(model).supports_first_token_only
     model.config.summary_type = "last"
