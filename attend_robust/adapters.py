@@ -255,14 +255,24 @@ TOKEN_MIXING_OUTPUTS: dict[str, str] = {
 FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
 
 
+# Packages whose modules may form a first-position head: the transformers heads themselves, torch
+# layers, and PEFT's wrappers (LoRA layers, `modules_to_save` copies) around them.
+_HEAD_MODULE_PACKAGES = ("transformers.", "torch.", "peft.")
+
+
 def first_token_modules(model: PreTrainedModel) -> list[nn.Module] | None:
     """Return the modules that end each layer's token mixing, if the model's head reads the first position only.
 
     The transformers sequence-classification and multiple-choice classes of the families in
-    `TOKEN_MIXING_OUTPUTS` pool or classify position 0. The exceptions are an ELECTRA
-    multiple-choice summary other than `"first"`, and DeBERTa models changed to run the last layer
-    more than once (`z_steps > 1`) or to convolve the output of their only layer. Returns `None`
-    for any other model, which then runs every position of the last layer.
+    `TOKEN_MIXING_OUTPUTS` pool or classify position 0. Returns `None`, so that every position of
+    the last layer runs, for any other model and in these cases:
+
+    - a head module (`classifier`, `pooler`, ...) replaced by a class from outside transformers,
+      torch or PEFT, which may read other positions;
+    - an ELECTRA multiple-choice summary other than `"first"`;
+    - a feed-forward chunk size above 1 (`chunk_size_feed_forward`), which needs every position;
+    - DeBERTa models changed to run the last layer more than once (`z_steps > 1`) or to convolve
+      the output of their only layer.
     """
     config = model.config
     model_type = getattr(config, "model_type", None)
@@ -272,14 +282,22 @@ def first_token_modules(model: PreTrainedModel) -> list[nn.Module] | None:
         return None
     if not model_class.__name__.endswith(FIRST_TOKEN_HEADS):
         return None
-    if model_type == "electra" and model_class.__name__.endswith("ForMultipleChoice"):
-        if getattr(config, "summary_type", "first") != "first":
-            return None
+
     base = getattr(model, model.base_model_prefix, model)
+    head_modules = [module for child in model.children() if child is not base for module in child.modules()]
+    if any(not type(module).__module__.startswith(_HEAD_MODULE_PACKAGES) for module in head_modules):
+        return None
+    if model_type == "electra" and model_class.__name__.endswith("ForMultipleChoice"):
+        # transformers' summary falls back to "last" when the config has no summary_type.
+        if getattr(config, "summary_type", "last") != "first":
+            return None
+    if (getattr(config, "chunk_size_feed_forward", 0) or 0) > 1:
+        return None
     if getattr(base, "z_steps", 0) > 1:
         return None
     if getattr(config, "conv_kernel_size", 0) and int(config.num_hidden_layers) == 1:
         return None
+
     modules = [module for name, module in model.named_modules() if name.endswith("." + suffix)]
     return modules or None
 

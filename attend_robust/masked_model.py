@@ -183,8 +183,9 @@ class AttentionMaskedModel(nn.Module):
         `record_blocks=True` keeps every block's output in `plan.recorded_blocks` after the pass;
         `prefix` skips the blocks below `prefix.start_block` (see `PrefixReuse`).
         `first_token_only=True` runs the end of the last layer for the first position only (see
-        `supports_first_token_only`): the logits stay the same, but the encoder's last hidden
-        state then has one position.
+        `supports_first_token_only`). The logits stay the same, but the encoder's last hidden
+        state then has one position, and so do the last layer's attention weights (`[N, H, 1, S]`)
+        except in DeBERTa, whose attention still runs over every position.
         """
         leading, seq_len = self.input_shape(inputs)
         num_sequences = 1
@@ -201,8 +202,8 @@ class AttentionMaskedModel(nn.Module):
             self._check_prefix(prefix, source, gates)
         if first_token_only and not self.supports_first_token_only:
             raise ValueError(
-                f"{type(self.model).__name__} has no head known to read the first position only; "
-                "run it with first_token_only=False."
+                f"first_token_only=True is not supported for {type(self.model).__name__}, because its head is "
+                "not known to read the first position only. Run it with first_token_only=False."
             )
         return ForwardPlan(
             num_layers=self.num_layers,

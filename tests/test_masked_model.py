@@ -651,3 +651,31 @@ def test_electra_choice_needs_first_summary():
     assert AttentionMaskedModel(model).supports_first_token_only
     model.config.summary_type = "last"
     assert not AttentionMaskedModel(model).supports_first_token_only
+
+
+def test_first_token_pass_needs_unchunked_feed_forward():
+    model = build_tiny_model("bert")
+    model.config.chunk_size_feed_forward = 3
+    for layer in model.bert.encoder.layer:
+        layer.chunk_size_feed_forward = 3  # the layers copy the setting when they are built
+    assert not AttentionMaskedModel(model).supports_first_token_only
+
+
+@pytest.mark.parametrize("architecture", ["roberta", "electra", "deberta"])
+def test_first_token_pass_rejects_replaced_head(architecture):
+    class MeanPooledHead(nn.Module):
+        """A head that reads every position, as a user might swap in."""
+
+        def __init__(self, hidden_size: int, num_labels: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(hidden_size, num_labels)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.linear(hidden_states.mean(dim=1))
+
+    model = build_tiny_model(architecture)
+    assert AttentionMaskedModel(model).supports_first_token_only  # before the swap
+    if architecture == "deberta":
+        model.pooler = nn.Identity()  # DeBERTa's pooler takes position 0, so it goes too
+    model.classifier = MeanPooledHead(32, 3)
+    assert not AttentionMaskedModel(model).supports_first_token_only
