@@ -81,6 +81,19 @@ def run(argv: list[str] | None = None) -> int:
         print(f"attend-robust: error: {error}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
         return 2
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Destroy the process group that a run under `accelerate launch` created, if there is one.
+
+    A gloo process group left alive at interpreter exit can abort the process ("terminate called
+    without an active exception"), which makes the launcher report a finished run as failed.
+    """
+    distributed = sys.modules.get("torch.distributed")  # not loaded: no group to destroy
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

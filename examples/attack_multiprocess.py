@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         print(f"{accelerator.num_processes} process(es) attacked {report['examples']} examples")
         print(format_report(report))
+    accelerator.end_training()  # destroys the process group, so that no process aborts at exit
     return report
 
 

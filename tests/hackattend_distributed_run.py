@@ -40,3 +40,4 @@ def run(model_dir: str, output_root: str, data_files: list[str]) -> None:
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2], sys.argv[3:])
+    Accelerator().end_training()  # destroys the process group, so that no process aborts at exit
