@@ -73,8 +73,11 @@ def run(argv: list[str] | None = None) -> int:
     when a name is not found locally and the Hub cannot be reached. Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the
     traceback instead. Every other exception keeps its traceback.
     """
+    finished = False
     try:
-        return main(argv)
+        status = main(argv)
+        finished = True
+        return status
     except (ValueError, FileNotFoundError, TypeError, ConnectionError) as error:
         if os.environ.get(TRACEBACK_ENV):
             raise
@@ -82,18 +85,23 @@ def run(argv: list[str] | None = None) -> int:
         print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
         return 2
     finally:
-        _destroy_process_group()
+        _destroy_process_group(wait_for_others=finished)
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group(wait_for_others: bool) -> None:
     """Destroy the process group that a run under `accelerate launch` created, if there is one.
 
-    A gloo process group left alive at interpreter exit can abort the process ("terminate called
-    without an active exception"), which makes the launcher report a finished run as failed.
+    A process that exits while another still works in the group can abort at interpreter exit
+    ("terminate called without an active exception"), and the launcher then reports a finished
+    run as failed. After a successful run every process waits for the others first. After an
+    error it does not, because the others may never reach the barrier.
     """
     distributed = sys.modules.get("torch.distributed")  # not loaded: no group to destroy
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return
+    if wait_for_others:
+        distributed.barrier()
+    distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

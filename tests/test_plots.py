@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hackattend_support import flippy_bert, minilm_tokenizer, write_tsv
@@ -141,3 +142,15 @@ def test_cli_prints_invalid_input_without_traceback(tmp_path, capsys):
     assert error.startswith("attend-robust: error: ")
     assert "Traceback" not in error
     assert "ATTEND_ROBUST_TRACEBACK=1" in error
+
+
+def test_cli_names_missing_model_folder(tmp_path, capsys):
+    from attend_robust.cli import run
+
+    examples_data = Path(__file__).resolve().parent.parent / "examples" / "data"
+    missing = tmp_path / "missing-model"
+    assert run(["attack", "--model", str(missing), "--dataset", "sst2", "--data-dir", str(examples_data),
+                "--limit", "2", "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"Model folder '{missing}' not found" in error
+    assert "Traceback" not in error

@@ -55,7 +55,10 @@ rank = args.process_index
     "world_size": args.world_size, "digests": digests, "weights": weights.tolist()[:64],
     "weight_sum": float(weights.double().sum()),
 }))
-trainer.accelerator.end_training()  # destroys the process group, so that no process aborts at exit
+# Wait for every process, then destroy the process group, because a process that exits while
+# another still works in the group can abort at interpreter exit.
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
 """
 
 
