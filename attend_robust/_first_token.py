@@ -14,21 +14,17 @@ Whether the head reads the first position only depends on the model class
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from ._state import active_plan
 
 
-def _keep_first_position(module: nn.Module, args: tuple, output: Any) -> Any:
+def _keep_first_position(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     plan = active_plan()
     if plan is None or not plan.first_token_only or plan.calls != plan.num_layers:
         return None  # not a first-token pass, or not the last attention layer yet
-    if isinstance(output, torch.Tensor):
-        return output[:, :1]
-    return (output[0][:, :1], *output[1:])
+    return output[:, :1]  # every module in TOKEN_MIXING_OUTPUTS returns a [N, S, hidden] tensor
 
 
 def install_first_token_hooks(modules: list[nn.Module]) -> list[torch.utils.hooks.RemovableHandle]:
