@@ -70,8 +70,10 @@ def run(argv: list[str] | None = None) -> int:
 
     `ValueError`, `FileNotFoundError` and `TypeError` are what the package raises for invalid
     arguments, data and models, and `ConnectionError` what `datasets` and `huggingface_hub` raise
-    when a name is not found locally and the Hub cannot be reached. Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the
-    traceback instead. Every other exception keeps its traceback.
+    when a name is not found locally and the Hub cannot be reached. Ctrl-C prints one line and
+    returns 130; `attack` logs how many examples have records, and a rerun resumes from them.
+    Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the traceback instead. Every
+    other exception keeps its traceback.
     """
     finished = False
     try:
@@ -84,6 +86,11 @@ def run(argv: list[str] | None = None) -> int:
         print(f"attend-robust: error: {error}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print("attend-robust: interrupted", file=sys.stderr)
+        return 130  # the shell's status for a command stopped by SIGINT
     finally:
         _destroy_process_group(wait_for_others=finished)
 

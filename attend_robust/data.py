@@ -123,9 +123,27 @@ def _require_file(path: Path, dataset_name: str) -> None:
         )
 
 
+def _load_from_hub(name: str, *args: Any, hint: str, **kwargs: Any) -> datasets.Dataset:
+    """Call `datasets.load_dataset` and add `hint` to the error when the Hub cannot provide `name`."""
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except ConnectionError as error:  # offline, or the Hub unreachable
+        raise ConnectionError(f"{str(error).rstrip('.')}. {hint}") from error
+    except FileNotFoundError as error:  # no such dataset on the Hub
+        raise FileNotFoundError(f"{str(error).rstrip('.')}. {hint}") from error
+
+
+def _built_in_hint(name: str) -> str:
+    return (
+        f"No local copy of {name} was found, so it was requested from the Hugging Face Hub. To read local files, "
+        f"pass data_dir (--data-dir) or set {DATA_DIR_ENV} to a folder that contains sst2/ and dream/."
+    )
+
+
 def _load_sst2(split: str, data_dir: Path | None) -> datasets.Dataset:
     if data_dir is None:
-        hub = datasets.load_dataset(SST2_HUB_NAME, SST2_HUB_CONFIG, split=_hub_split("sst2", split))
+        hub = _load_from_hub(SST2_HUB_NAME, SST2_HUB_CONFIG, split=_hub_split("sst2", split),
+                             hint=_built_in_hint("SST-2"))
         hub = hub.map(lambda row: {"example_id": str(row["idx"])}, remove_columns=["idx"])
         return hub.rename_column("sentence", "text")
 
@@ -203,7 +221,7 @@ def _dream_hub_to_records(hub: datasets.Dataset) -> list[dict[str, Any]]:
 
 def _load_dream(split: str, data_dir: Path | None) -> datasets.Dataset:
     if data_dir is None:
-        hub = datasets.load_dataset(DREAM_HUB_NAME, split=_hub_split("dream", split))
+        hub = _load_from_hub(DREAM_HUB_NAME, split=_hub_split("dream", split), hint=_built_in_hint("DREAM"))
         return datasets.Dataset.from_list(_dream_hub_to_records(hub), features=_MULTIPLE_CHOICE_FEATURES)
 
     path = data_dir / "dream" / f"{_local_split_stem('dream', split, data_dir)}.json"
@@ -267,7 +285,13 @@ def _load_other(name_or_path: str, split: str) -> datasets.Dataset:
             f"Data file {name_or_path!r} not found. Check the path, or pass a hub dataset name instead."
         )
     # Hub datasets name their dev split "validation".
-    return datasets.load_dataset(name_or_path, split="validation" if split == "dev" else split)
+    return _load_from_hub(
+        name_or_path, split="validation" if split == "dev" else split,
+        hint=(
+            f"{name_or_path!r} is neither a built-in dataset (sst2, dream) nor a local file or folder, so it "
+            "was requested from the Hub. Check the name, or pass the path of a .csv, .tsv, .json or .jsonl file."
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

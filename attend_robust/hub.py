@@ -46,6 +46,14 @@ _KNOWN_DATASETS: dict[str, tuple[str, str | None, str]] = {
     "dream": ("dataset-org/dream", None, "DREAM"),
 }
 _HUB_SPLIT_NAMES = {"dev": "validation"}
+# Examples in the splits of the built-in datasets, to tell a whole split from a sample of it.
+_SPLIT_SIZES: dict[tuple[str, str], int] = {
+    ("sst2", "train"): 67349,
+    ("sst2", "validation"): 872,
+    ("dream", "train"): 6116,
+    ("dream", "validation"): 2040,
+    ("dream", "test"): 2041,
+}
 _TASK_NAMES = {"text-classification": "Text Classification", "multiple-choice": "Multiple Choice"}
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 
@@ -70,6 +78,7 @@ class HackAttendResult:
     split: str
     mean_queries: float | None = None
     evaluated: int | None = None
+    examples: int | None = None  # examples in the attacked data, skipped ones included
 
     @classmethod
     def from_report(cls, report: str | Path | Mapping[str, Any]) -> "HackAttendResult":
@@ -129,7 +138,22 @@ class HackAttendResult:
             split=str(values["split"]),
             mean_queries=None if report.get("mean_queries") is None else float(report["mean_queries"]),
             evaluated=None if report.get("evaluated") is None else int(report["evaluated"]),
+            examples=None if report.get("examples") is None else int(report["examples"]),
         )
+
+    @property
+    def hub_split(self) -> str:
+        return _HUB_SPLIT_NAMES.get(self.split, self.split)
+
+    @property
+    def split_size(self) -> int | None:
+        """Examples in the whole split, for the built-in datasets; None when unknown."""
+        return _SPLIT_SIZES.get((self.dataset.lower(), self.hub_split))
+
+    @property
+    def is_sample(self) -> bool:
+        """Whether the attack covered fewer examples than the whole split of a built-in dataset."""
+        return self.examples is not None and self.split_size is not None and self.examples < self.split_size
 
     @property
     def attack_settings(self) -> dict[str, Any]:
@@ -138,13 +162,20 @@ class HackAttendResult:
     def eval_results(self, task_type: str = "text-classification") -> list[EvalResult]:
         """Return the results as `EvalResult`s: clean accuracy, robust accuracy, ASR and, if known, mean queries."""
         dataset_id, dataset_config, dataset_name = _dataset_identity(self.dataset)
+        split, dataset_args = self.hub_split, None
+        if self.is_sample:
+            # The Hub identifies a result by task, dataset, config and split, so a result on part of a
+            # split needs a split name of its own, or it would read as a result on the whole split.
+            split = f"{self.hub_split} (sample of {self.examples})"
+            dataset_args = {"num_examples": self.examples, "split_size": self.split_size}
         common = dict(
             task_type=task_type,
             task_name=_TASK_NAMES.get(task_type),
             dataset_type=dataset_id,
             dataset_name=dataset_name,
             dataset_config=dataset_config,
-            dataset_split=_HUB_SPLIT_NAMES.get(self.split, self.split),
+            dataset_split=split,
+            dataset_args=dataset_args,
         )
         scale = f"HackAttend, alpha {self.alpha:g}, {self.max_layers} layers x {self.max_heads} heads"
         results = [
@@ -220,6 +251,21 @@ def _replace_section(text: str, section: str, body: str | None) -> str:
     return text.rstrip("\n") + f"\n\n{start}\n{body.strip()}\n{end}\n"
 
 
+def _correct_trainer_sentence(text: str, base_model: str | list[str] | None) -> str:
+    """Fix the opening sentence of `Trainer`'s card when the metadata knows more than the trainer did.
+
+    `Trainer.create_model_card` writes "trained from scratch" when it does not know the base model,
+    and "the None dataset" when its dataset has no name.
+    """
+    text = text.replace(" on the None dataset.", " on an unknown dataset.")
+    if isinstance(base_model, str) and base_model:
+        text = text.replace(
+            "This model was trained from scratch on ",
+            f"This model is a fine-tuned version of [{base_model}](https://huggingface.co/{base_model}) on ",
+        )
+    return text
+
+
 def _sattend_section(settings: Mapping[str, Any]) -> str:
     layers = settings.get("layers")
     granularity = settings.get("granularity", "unit")
@@ -253,7 +299,10 @@ def _sattend_section(settings: Mapping[str, Any]) -> str:
 
 def _hackattend_section(result: HackAttendResult) -> str:
     queries = "n/a" if result.mean_queries is None else f"{result.mean_queries:.1f}"
-    examples = "" if result.evaluated is None else f"{result.evaluated} examples of "
+    if result.is_sample:
+        examples = f"a sample of {result.examples} of the {result.split_size} examples of "
+    else:
+        examples = "" if result.evaluated is None else f"{result.evaluated} examples of "
     return "\n".join(
         [
             "## Robustness under HackAttend",
@@ -362,7 +411,8 @@ def update_model_card(
         data.model_name = model_name or data.model_name or folder.resolve().name
 
     # Text: this package's sections, replaced on every call.
-    text = _replace_section(card.text, _SATTEND_SECTION, _sattend_section(sattend) if sattend else None)
+    text = _correct_trainer_sentence(card.text, data.base_model)
+    text = _replace_section(text, _SATTEND_SECTION, _sattend_section(sattend) if sattend else None)
     if result is not None:
         text = _replace_section(text, _HACKATTEND_SECTION, _hackattend_section(result))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")

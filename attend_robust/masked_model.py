@@ -152,11 +152,11 @@ class AttentionMaskedModel(nn.Module):
         """Run the model's forward with `plan` applied to its attention."""
         if not self._installed:
             raise RuntimeError("This AttentionMaskedModel was unwrapped; wrap the model again to apply masks.")
-        if self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+        if self.model.training and activation_checkpointing_enabled(self.model):
             # Checkpointed layers recompute attention during backward, after the plan is gone.
             raise RuntimeError(
-                "Attention masks cannot be applied while gradient checkpointing is enabled in training mode: "
-                "call `model.gradient_checkpointing_disable()` or put the model in eval mode."
+                "Attention masks cannot be applied while activation (gradient) checkpointing is enabled in training "
+                f"mode: call `model.{checkpointing_disable_method(self.model)}()` or put the model in eval mode."
             )
         with activate(plan):
             outputs = self.model(*args, **inputs)
@@ -375,6 +375,18 @@ class AttentionMaskedModel(nn.Module):
         return nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="sum", ignore_index=-100
         )
+
+
+def activation_checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any module of `model` recomputes its activations in the backward pass."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def checkpointing_disable_method(model: nn.Module) -> str:
+    """Name of the method that turns checkpointing off: transformers 5 renamed it during the 5.x releases."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        return "activation_checkpointing_disable"
+    return "gradient_checkpointing_disable"
 
 
 def _base_of_peft_model(model: Any) -> Any:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_ALIASES = {MINILM_HUB_NAME.lower(), "all-minilm-l6-v2", "minilm"}
@@ -40,3 +43,56 @@ def resolve_model_name_or_path(name_or_path: str) -> str:
         if local is not None:
             return str(local)
     return name_or_path
+
+
+def load_fine_tuned(name_or_path: str, multiple_choice: bool, **kwargs: Any) -> Any:
+    """Load a fine-tuned classifier (`multiple_choice=False`) or multiple-choice model to attack.
+
+    The name goes through `resolve_model_name_or_path`, and `kwargs` go to `from_pretrained`. A
+    checkpoint whose `config.json` names only heads of the other kind (for example
+    `BertForMultipleChoice` for a classification dataset) raises `ValueError` before its weights
+    load. A name that is neither a local folder nor a model the Hub can provide raises
+    `FileNotFoundError` (see `load_pretrained`).
+    """
+    from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    path = resolve_model_name_or_path(name_or_path)
+    config = load_pretrained(AutoConfig.from_pretrained, name_or_path, path)
+    wanted, other = "ForSequenceClassification", "ForMultipleChoice"
+    if multiple_choice:
+        wanted, other = other, wanted
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and all(architecture.endswith(other) for architecture in architectures):
+        data_kind = "multiple choice" if multiple_choice else "classification (one text or a text pair per example)"
+        raise ValueError(
+            f"Model {name_or_path!r} is a {architectures[0]} checkpoint (architectures in its config.json), but "
+            f"the dataset is {data_kind}. Attack it with a dataset of its own kind, or pass a model whose class "
+            f"ends in {wanted}."
+        )
+    model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
+    return load_pretrained(model_class.from_pretrained, name_or_path, path, config=config, **kwargs)
+
+
+def load_pretrained(load: Callable[..., T], name_or_path: str, path: str | None = None, **kwargs: Any) -> T:
+    """Return `load(path, **kwargs)` for a `from_pretrained` method, and explain a failed Hub lookup.
+
+    `path` defaults to `resolve_model_name_or_path(name_or_path)`. When it is not a local folder,
+    transformers asks the Hub for it, which fails with `OSError` when the Hub has no such model or
+    cannot be reached. Because a mistyped folder looks like a Hub name (`runs/victim`), that error
+    becomes a `FileNotFoundError` that also says no such folder exists. Errors from a local folder
+    pass through unchanged.
+    """
+    from huggingface_hub.errors import HFValidationError
+
+    path = resolve_model_name_or_path(name_or_path) if path is None else path
+    try:
+        return load(path, **kwargs)
+    except (OSError, HFValidationError) as error:
+        if Path(path).expanduser().is_dir():
+            raise
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is not a local folder ({Path(path).expanduser().resolve()} does not exist), and "
+            f"the Hugging Face Hub did not provide it: {reason}. Pass a folder that contains config.json, or the name "
+            "of a model on the Hub."
+        ) from error

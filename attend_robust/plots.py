@@ -123,6 +123,7 @@ def plot_head_heatmap(run: Run, output_dir: Path) -> tuple[list[Path], list[list
 def asr_by_alpha(runs: Sequence[Run]) -> dict[str, list[tuple[float, float]]]:
     """Group runs by everything but alpha; return `(alpha, ASR)` points per group, sorted by alpha."""
     groups: dict[str, list[tuple[float, float]]] = {}
+    names: dict[tuple[str, float], list[str]] = {}
     for run in runs:
         config = run.config
         key = (
@@ -131,6 +132,13 @@ def asr_by_alpha(runs: Sequence[Run]) -> dict[str, list[tuple[float, float]]]:
         )
         rate = run.report["attack_success_rate"]
         groups.setdefault(key, []).append((float(config["alpha"]), 0.0 if rate is None else float(rate)))
+        names.setdefault((key, float(config["alpha"])), []).append(str(run.path))
+    for (key, alpha), paths in names.items():
+        if len(paths) > 1:
+            logger.warning(
+                "Runs %s share alpha %g and the settings %s, so they give points at the same alpha in asr_by_alpha. "
+                "Attack with other alpha values to draw ASR against alpha.", ", ".join(paths), alpha, key,
+            )
     return {key: sorted(points) for key, points in groups.items()}
 
 
@@ -162,12 +170,12 @@ def attention_before_after(
     successful example is used.
     """
     import torch
-    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .data import encode_dataset, load_task_dataset, task_kind
     from .hackattend.evaluator import ids_fingerprint
     from .masked_model import AttentionMaskedModel
-    from .models import resolve_model_name_or_path
+    from .models import load_fine_tuned, resolve_model_name_or_path
 
     records = [record for record in run.records() if record["status"] == "success"]
     if example_id is not None:
@@ -195,10 +203,9 @@ def attention_before_after(
         )
     dataset = dataset.select([record["index"]])
     multiple_choice = task_kind(dataset) == "multiple-choice"
-    model_path = resolve_model_name_or_path(info.get("model_path") or info["model"])
-    model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
-    model = model_class.from_pretrained(model_path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_name = info.get("model_path") or info["model"]
+    model = load_fine_tuned(model_name, multiple_choice, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(model_name))
 
     encoded = encode_dataset(dataset, tokenizer, max_length=int(run.config.get("max_length", 128)))
     if isinstance(encoded, tuple):

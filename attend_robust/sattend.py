@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from ._state import ForwardPlan, activate
 from ._version import __version__
-from .masked_model import AttentionMaskedModel
+from .masked_model import AttentionMaskedModel, activation_checkpointing_enabled, checkpointing_disable_method
 
 logger = logging.get_logger(__name__)
 
@@ -352,10 +352,10 @@ class SAttendTrainer(Trainer):
             )
 
         masked_model = self._wrap(base_pretrained_model(self.model))
-        if any(getattr(module, "gradient_checkpointing", False) for module in masked_model.model.modules()):
+        if activation_checkpointing_enabled(masked_model.model):
             raise ValueError(
                 "Activation (gradient) checkpointing was enabled on the model after SAttendTrainer was built; "
-                "S-Attend cannot be combined with it. Call model.gradient_checkpointing_disable()."
+                f"S-Attend cannot be combined with it. Call model.{checkpointing_disable_method(masked_model.model)}()."
             )
         masks = self.draw_masks(inputs, special_tokens_mask, *self._next_forward_position())
         plan = ForwardPlan(num_layers=masked_model.num_layers, unit_mask=masks)

@@ -28,7 +28,7 @@ from .data import (
     resolve_data_dir,
     task_kind,
 )
-from .models import resolve_model_name_or_path
+from .models import load_pretrained, resolve_model_name_or_path
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def _load_model(model_path: str, train_dataset, kind: str):
     if kind == CLASSIFICATION:
         num_labels = num_labels_of(train_dataset)
         names = label_names_of(train_dataset) or [f"LABEL_{index}" for index in range(num_labels)]
-        return AutoModelForSequenceClassification.from_pretrained(
+        return load_pretrained(
+            AutoModelForSequenceClassification.from_pretrained,
             model_path,
             num_labels=num_labels,
             id2label=dict(enumerate(names)),
@@ -125,7 +126,7 @@ def _load_model(model_path: str, train_dataset, kind: str):
             ignore_mismatched_sizes=True,
         )
     # A multiple-choice head scores each choice with one logit, so it has no num_labels.
-    return AutoModelForMultipleChoice.from_pretrained(model_path, ignore_mismatched_sizes=True)
+    return load_pretrained(AutoModelForMultipleChoice.from_pretrained, model_path, ignore_mismatched_sizes=True)
 
 
 def _model_inputs(encoded):
@@ -260,7 +261,7 @@ def finetune(
     logger.info("Fine-tuning %s on %s (%s): %d train and %d dev examples, settings %s.", model_path,
                 dataset_name, kind, len(train_raw), len(eval_raw), settings)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_name_or_path, model_path)
     train_encoded = encode_dataset(train_raw, tokenizer, max_length=max_length)
     eval_encoded = encode_dataset(eval_raw, tokenizer, max_length=max_length)
 

@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClassification
 
 from attend_robust import AttentionMaskedModel
-from attend_robust.hackattend.search import candidate_units, units_per_matrix
+from attend_robust.hackattend.search import REMOVAL_TIE_TOLERANCE, candidate_units, units_per_matrix
 
 FLIPPY_INIT = 1.0
 
@@ -85,7 +85,17 @@ def reference_search(wrapped: AttentionMaskedModel, inputs, label: int, *, alpha
             probabilities = predict(wrapped, inputs, head_gates=gates_for_variant[variant])[0]
             flipped = int(probabilities.argmax()) != label
             keyed.append(((not flipped), float(probabilities[label]), variant))
-        return [variant for _, _, variant in sorted(keyed)]
+        keyed.sort()
+        # A variant within REMOVAL_TIE_TOLERANCE of the one before it, in the same part, joins its run of
+        # ties, and each run is listed by variant index.
+        runs = []
+        for position, (kept, remaining, variant) in enumerate(keyed):
+            previous = keyed[position - 1] if position else None
+            if previous is not None and previous[0] == kept and remaining - previous[1] <= REMOVAL_TIE_TOLERANCE:
+                runs[-1].append(variant)
+            else:
+                runs.append([variant])
+        return [variant for run in runs for variant in sorted(run)]
 
     layer_gates = []
     for layer in range(num_layers):

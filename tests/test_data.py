@@ -164,6 +164,20 @@ def test_hub_fallback_calls_load_dataset(tmp_path, monkeypatch):
     assert dev[0]["context"] == "M: Hi.\nW: Hello."
 
 
+def test_hub_failure_says_what_to_check(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTEND_ROBUST_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def offline(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="No local copy of SST-2 was found.*ATTEND_ROBUST_DATA_DIR"):
+        load_task_dataset("sst2", "dev")
+    with pytest.raises(ConnectionError, match="'sst3' is neither a built-in dataset"):
+        load_task_dataset("sst3", "dev")
+
+
 # ---------------------------------------------------------------------------------------------
 # Other local files and column mapping
 # ---------------------------------------------------------------------------------------------

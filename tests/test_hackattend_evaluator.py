@@ -82,7 +82,7 @@ def test_report_matches_records(victim, tokenizer, sst2_sample, tmp_path):
     assert report["skipped"] == 0
 
 
-def test_resume_after_interruption(victim, tokenizer, sst2_sample, tmp_path):
+def test_resume_after_interruption(victim, tokenizer, sst2_sample, tmp_path, caplog):
     config = HackAttendConfig(alpha=ALPHA)
     reference = HackAttendEvaluator(victim, tokenizer, config, output_dir=tmp_path / "whole", progress=False)
     reference.evaluate(sst2_sample)
@@ -98,8 +98,9 @@ def test_resume_after_interruption(victim, tokenizer, sst2_sample, tmp_path):
         return real_attack(examples)
 
     interrupted.search.attack_many = attack_then_die
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="attend_robust.hackattend.evaluator"):
         interrupted.evaluate(sst2_sample)
+    assert f"Interrupted: {len(calls)} of 14 examples have records in {tmp_path / 'cut'}" in caplog.text
     part = tmp_path / "cut" / "records.part-0.jsonl"
     assert len(part.read_text().splitlines()) >= 5
     # A kill in the middle of a write leaves half a line behind.

@@ -9,7 +9,7 @@ from tiny_models import ARCHITECTURES, build_tiny_model, make_batch
 
 from attend_robust import AttentionMaskedModel
 from attend_robust.hackattend import HackAttendConfig, HackAttendSearch
-from attend_robust.hackattend.search import minimum_layer_evaluations
+from attend_robust.hackattend.search import REMOVAL_TIE_TOLERANCE, minimum_layer_evaluations, rank_removals
 from attend_robust.hackattend.sequential import SequentialHackAttendSearch
 
 DECISIONS = (
@@ -211,3 +211,66 @@ def test_search_uses_first_token_passes(architecture, monkeypatch):
     evaluations = [first_token for record_blocks, first_token in flags if not record_blocks]
     assert clean == [False, False]  # the clean pass keeps every position for the saliency
     assert evaluations and set(evaluations) == {architecture == "bert"}
+
+
+def test_removal_ranking_treats_near_ties_as_ties():
+    label = 0
+    # Columns: p(label), p(other). Variant 3 flips the prediction, so it comes first.
+    probabilities = torch.tensor([
+        [0.70, 0.30],
+        [0.60, 0.40],
+        [0.60 + REMOVAL_TIE_TOLERANCE / 2, 0.40 - REMOVAL_TIE_TOLERANCE / 2],
+        [0.20, 0.80],
+        [0.60 - REMOVAL_TIE_TOLERANCE / 4, 0.40 + REMOVAL_TIE_TOLERANCE / 4],
+        [0.65, 0.35],
+    ], dtype=torch.float64)
+    assert rank_removals(probabilities, label) == [3, 1, 2, 4, 5, 0]
+    # Outside the tolerance the lower probability comes first again.
+    probabilities[4, 0] = 0.60 - 2 * REMOVAL_TIE_TOLERANCE
+    assert rank_removals(probabilities, label) == [3, 4, 1, 2, 5, 0]
+
+
+def _zero_head_values(model, heads):
+    """Make heads output nothing, so that removing any of them changes nothing: an exact tie."""
+    size = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer, head in heads:
+            value = model.bert.encoder.layer[layer].attention.self.value
+            value.weight[head * size : (head + 1) * size] = 0
+            value.bias[head * size : (head + 1) * size] = 0
+
+
+def test_tied_removals_take_sequential_order():
+    model = flippy_bert(num_layers=3, num_heads=4, seed=3)
+    _zero_head_values(model, [(0, 1), (0, 2), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1)])
+    wrapped = AttentionMaskedModel(model)
+    examples = _examples(wrapped, 12, lengths=(10,), seed=4)
+    sequential = SequentialHackAttendSearch(wrapped, HackAttendConfig(alpha=0.01))
+    reference = [sequential.attack(*example) for example in examples]
+    assert any(len(result.perturbed_heads) > 4 for result in reference), "the search should reach tied heads"
+    # Batches of several sizes put the tied variants in different rows of different passes.
+    for forward_batch_size in (1, 3, 64):
+        config = HackAttendConfig(alpha=0.01, forward_batch_size=forward_batch_size, query_batch_size=3)
+        _assert_same_decisions(HackAttendSearch(wrapped, config).attack_many(examples), reference, examples)
+
+
+def test_decoder_without_pad_token_runs_rows_alone():
+    model = build_tiny_model("gpt2", num_labels=3)
+    model.config.pad_token_id = None  # as in the released GPT-2 checkpoints
+    wrapped = AttentionMaskedModel(model)
+    batch = make_batch("gpt2", lengths=(9, 9, 9))
+    rows = [{name: batch[name][row : row + 1] for name in ("input_ids", "attention_mask")} for row in range(3)]
+    examples = [(inputs, int(predict(wrapped, inputs)[0].argmax()), str(row)) for row, inputs in enumerate(rows)]
+    config = HackAttendConfig(alpha=0.3)
+    fast = HackAttendSearch(wrapped, config).attack_many(examples)
+    sequential = SequentialHackAttendSearch(wrapped, config)
+    _assert_same_decisions(fast, [sequential.attack(*example) for example in examples], examples)
+
+
+def test_inputs_with_labels_or_without_mask_are_rejected(wrapped_bert):
+    (inputs, label, key), = _examples(wrapped_bert, 1)
+    search = HackAttendSearch(wrapped_bert, HackAttendConfig())
+    with pytest.raises(ValueError, match="contain 'labels'"):
+        search.attack_many([({**inputs, "labels": torch.tensor([label])}, label, key)])
+    with pytest.raises(ValueError, match=r"have the keys \['input_ids'\], but the search needs"):
+        search.attack_many([({"input_ids": inputs["input_ids"]}, label, key)])

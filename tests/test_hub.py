@@ -137,6 +137,34 @@ def test_card_parses_with_results(tmp_path):
     assert "90.0% | 55.0% | 38.9% | 41.5" in card.text
 
 
+def test_card_marks_sample_of_split(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    sample = {**REPORT, "examples": 200, "evaluated": 200}
+    card = update_model_card(tmp_path, hackattend_report=sample)
+    for result in card.data.eval_results:
+        assert result.dataset_split == "validation (sample of 200)"
+        assert result.dataset_args == {"num_examples": 200, "split_size": 872}
+    assert "Measured on a sample of 200 of the 872 examples of sst2 (dev)." in card.text
+
+    # A result on the whole split is another entry of the model-index, not a new value of the sample's.
+    whole = update_model_card(tmp_path, hackattend_report={**REPORT, "examples": 872})
+    splits = [result.dataset_split for result in whole.data.eval_results if result.metric_type == "accuracy"]
+    assert splits == ["validation (sample of 200)", "validation"]
+    assert "Measured on 872 examples of sst2 (dev)." in whole.text
+
+
+def test_card_corrects_trainer_opening(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    (tmp_path / "README.md").write_text(
+        "---\ntags:\n- generated_from_trainer\n---\n\n# out\n\n"
+        "This model was trained from scratch on the None dataset.\n"
+    )
+    card = update_model_card(tmp_path, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    assert "This model is a fine-tuned version of [sentence-transformers/all-MiniLM-L6-v2]" in card.text
+    assert "on an unknown dataset." in card.text
+    assert "from scratch" not in card.text
+
+
 def test_card_update_is_idempotent(tmp_path):
     save_tiny_checkpoint(tmp_path)
     update_model_card(tmp_path, hackattend_report=REPORT)

@@ -12,7 +12,7 @@ from attend_robust.cli import main as cli_main
 from attend_robust.data import load_task_dataset
 from attend_robust.hackattend import HackAttendConfig
 from attend_robust.hackattend.evaluator import HackAttendEvaluator
-from attend_robust.plots import layer_success_counts, plot_runs, Run
+from attend_robust.plots import Run, asr_by_alpha, layer_success_counts, plot_runs
 
 SENTENCES = [
     ("a gripping , funny and moving film", 1), ("dull , lifeless and far too long", 0),
@@ -65,6 +65,15 @@ def test_plot_files_and_data_match_runs(runs, tmp_path):
     expected = [(json.loads((r / "config.json").read_text())["alpha"],
                  json.loads((r / "report.json").read_text())["attack_success_rate"]) for r in runs]
     assert sorted(map(tuple, points)) == sorted(expected)
+
+
+def test_runs_of_one_alpha_are_flagged(runs, caplog):
+    same = [runs[0], runs[0]]
+    with caplog.at_level("WARNING", logger="attend_robust.plots"):
+        groups = asr_by_alpha([Run.load(path) for path in same])
+    (points,) = groups.values()
+    assert len(points) == 2 and points[0] == points[1]
+    assert f"Runs {runs[0]}, {runs[0]} share alpha" in caplog.text
 
 
 def test_attention_maps_show_the_mask(runs, tmp_path):
@@ -154,3 +163,43 @@ def test_cli_names_missing_model_folder(tmp_path, capsys):
     error = capsys.readouterr().err
     assert f"Model folder '{missing}' not found" in error
     assert "Traceback" not in error
+
+
+def test_cli_explains_name_neither_folder_nor_hub(tmp_path, capsys, monkeypatch):
+    from attend_robust.cli import run
+
+    # "runs/victim" could be a Hub name, so it goes to the Hub, which is offline in the tests.
+    monkeypatch.chdir(tmp_path)
+    examples_data = Path(__file__).resolve().parent.parent / "examples" / "data"
+    assert run(["attack", "--model", "runs/victim", "--dataset", "sst2", "--data-dir", str(examples_data),
+                "--limit", "2", "--output-dir", "out"]) == 2
+    error = capsys.readouterr().err
+    assert f"Model 'runs/victim' is not a local folder ({tmp_path / 'runs' / 'victim'} does not exist)" in error
+    assert "Pass a folder that contains config.json" in error
+    assert "Traceback" not in error
+
+
+def test_cli_rejects_model_head_of_other_task(tmp_path, capsys):
+    from attend_robust.cli import run
+
+    model_dir = tmp_path / "choice-model"
+    flippy_bert(100, multiple_choice=True).save_pretrained(model_dir)
+    examples_data = Path(__file__).resolve().parent.parent / "examples" / "data"
+    assert run(["attack", "--model", str(model_dir), "--dataset", "sst2", "--data-dir", str(examples_data),
+                "--limit", "2", "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "is a BertForMultipleChoice checkpoint" in error
+    assert "the dataset is classification" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_interrupt_prints_one_line(tmp_path, capsys, monkeypatch):
+    from attend_robust import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_plot", interrupted)
+    assert cli.run(["plot", str(tmp_path)]) == 130
+    error = capsys.readouterr().err
+    assert error == "attend-robust: interrupted\n"

@@ -28,8 +28,9 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="Run the HackAttend attack on a fine-tuned model and a labelled dataset.",
         description=(
             "Search, for every correctly predicted example, a small attention mask that flips the prediction. "
-            "Records go to OUTPUT_DIR/records.jsonl as examples finish, and a rerun with the same OUTPUT_DIR "
-            "resumes. The report is printed and written to OUTPUT_DIR/report.json. Run several processes with "
+            "Records go to OUTPUT_DIR/records.part-<process>.jsonl as examples finish and are merged into "
+            "OUTPUT_DIR/records.jsonl at the end. A rerun with the same OUTPUT_DIR resumes. The report is "
+            "printed and written to OUTPUT_DIR/report.json. Run several processes with "
             "`accelerate launch --multi_gpu --num_processes N -m attend_robust.cli attack ...`, which also runs on a "
             "machine without GPU (with Accelerate 1.16, `--cpu` starts a single process)."
         ),
@@ -98,10 +99,10 @@ def config_from_args(args: argparse.Namespace) -> HackAttendConfig:
 def run_attack(args: argparse.Namespace) -> int:
     """Load the model and dataset named in `args`, run the evaluator and print the report."""
     # Imported here so that `attend-robust --help` stays fast.
-    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..data import MULTIPLE_CHOICE, load_task_dataset, resolve_data_dir, task_kind
-    from ..models import resolve_model_name_or_path
+    from ..models import load_fine_tuned, resolve_model_name_or_path
     from .evaluator import HackAttendEvaluator, default_accelerator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -118,11 +119,9 @@ def run_attack(args: argparse.Namespace) -> int:
         args.dataset, args.split, data_dir=args.data_dir, limit=args.limit, seed=args.limit_seed, **columns
     )
     kind = task_kind(dataset)
-    model_path = resolve_model_name_or_path(args.model)
-    model_class = AutoModelForMultipleChoice if kind == MULTIPLE_CHOICE else AutoModelForSequenceClassification
-    model = model_class.from_pretrained(model_path, attn_implementation="eager")
+    model = load_fine_tuned(args.model, multiple_choice=kind == MULTIPLE_CHOICE, attn_implementation="eager")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(args.model))
 
     run_info: dict[str, Any] = {
         "model": args.model,

@@ -311,7 +311,15 @@ class HackAttendEvaluator:
             logger.info("Resuming: %d of %d examples already have records.", len(done), len(example_ids))
 
         encoded, rows = self.encode(dataset.select(mine)) if mine else (None, {})
-        new_records = self._attack_positions(dataset, kind, mine, encoded, rows)
+        try:
+            new_records = self._attack_positions(dataset, kind, mine, encoded, rows)
+        except KeyboardInterrupt:
+            if self.output_dir is not None and accelerator.is_main_process:
+                logger.warning(
+                    "Interrupted: %d of %d examples have records in %s. Run again with the same output folder to "
+                    "resume.", len(self._read_all_records()), len(example_ids), self.output_dir,
+                )
+            raise
 
         if self.output_dir is None:
             gathered = gather_object([record.to_json() for record in new_records])

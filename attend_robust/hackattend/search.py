@@ -8,7 +8,8 @@ The search, for an example the model predicts correctly:
 
 1. Rank the layers. `importance` removes all heads of one layer (head gates at 0), for each layer
    in batched forwards. Layers whose removal flips the prediction come first. The rest follow by
-   the remaining probability of the label, lowest first, and ties keep the lower index first.
+   the remaining probability of the label, lowest first. Ties, up to `REMOVAL_TIE_TOLERANCE`,
+   keep the lower index first.
 2. Score every unit once on the clean input (see `HackAttendConfig.unit_ranking`). With
    `gradient`, the units whose cross-entropy gradient dL/dp is most negative come first, because
    masking lowers their probability and so raises the loss. On the MiniLM SST-2 victim of
@@ -57,10 +58,40 @@ Unit = tuple[int, int, int, int, int]
 # give the budget the decimal arithmetic intends.
 _BUDGET_EPSILON = 1e-9
 
+# Removals whose remaining probabilities of the label differ by at most this much are tied. A row of
+# a batched float32 pass can differ from the same row computed alone by a few 1e-6, so removals that
+# change nothing (a head whose output is zero, layers that share weights) would otherwise be ordered
+# by rounding noise, differently in each search.
+REMOVAL_TIE_TOLERANCE = 1e-5
+
 
 def units_per_matrix(alpha: float, num_tokens: int) -> int:
     """Return k = max(1, floor(alpha * n * n)), the units masked in one perturbed matrix of n tokens."""
     return max(1, math.floor(alpha * num_tokens * num_tokens + _BUDGET_EPSILON))
+
+
+def rank_removals(probabilities: torch.Tensor, label: int) -> list[int]:
+    """Order removal variants by how much they hurt the label, worst first.
+
+    `probabilities` holds one row of class probabilities per variant. Variants that flip the
+    prediction come first, then the others. Within each part, the lowest remaining probability of
+    the label comes first. Variants within `REMOVAL_TIE_TOLERANCE` of the one before them in that
+    order are tied, and tied variants keep the lower index first.
+    """
+    flipped = (probabilities.argmax(dim=-1) != label).tolist()
+    remaining = probabilities[:, label].tolist()
+    order: list[int] = []
+    for part in (True, False):
+        members = sorted((index for index in range(len(remaining)) if flipped[index] == part),
+                         key=lambda index: (remaining[index], index))
+        tied: list[int] = []
+        for index in members:
+            if tied and remaining[index] - remaining[tied[-1]] > REMOVAL_TIE_TOLERANCE:
+                order.extend(sorted(tied))
+                tied = []
+            tied.append(index)
+        order.extend(sorted(tied))
+    return order
 
 
 def derived_seed(seed: int, example_key: str, purpose: str) -> int:
@@ -228,6 +259,11 @@ class HackAttendSearch:
         self.config = config.resolve(wrapped.num_layers, wrapped.num_heads)
         self._layers_per_block = wrapped.attention_layers_per_block
         self.phases = PhaseTimes()
+        # Decoder classifiers find each row's last token through `pad_token_id`, and without one they
+        # refuse passes of several rows. Their copies then run one per pass.
+        self._copies_per_pass = self.config.forward_batch_size
+        if getattr(wrapped.config, "pad_token_id", None) is None and not wrapped.supports_first_token_only:
+            self._copies_per_pass = 1
 
     def attack(self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str) -> SearchResult:
         """Search an adversarial attention mask for one example.
@@ -249,7 +285,17 @@ class HackAttendSearch:
         group's wall time divided by the group's size.
         """
         by_shape: dict[tuple, list[int]] = {}
-        for position, (inputs, _, _) in enumerate(examples):
+        for position, (inputs, _, key) in enumerate(examples):
+            if "labels" in inputs:
+                raise ValueError(
+                    f"The inputs of example {key!r} contain 'labels'. Leave the label out of the inputs and pass it "
+                    "as the second item of (inputs, label, example_key)."
+                )
+            if "input_ids" not in inputs or "attention_mask" not in inputs:
+                raise ValueError(
+                    f"The inputs of example {key!r} have the keys {sorted(inputs)}, but the search needs input_ids "
+                    "and attention_mask, as a tokenizer returns them."
+                )
             shape = tuple((name, tuple(inputs[name].shape)) for name in sorted(inputs))
             by_shape.setdefault(shape, []).append(position)
         results: list[SearchResult | None] = [None] * len(examples)
@@ -399,7 +445,7 @@ class HackAttendSearch:
         by_start: dict[int, list[int]] = {}
         for index, copy in enumerate(copies):
             by_start.setdefault(copy.start_block, []).append(index)
-        size = self.config.forward_batch_size
+        size = self._copies_per_pass
         for start_block in sorted(by_start):
             indices = by_start[start_block]
             for offset in range(0, len(indices), size):
@@ -445,11 +491,9 @@ class HackAttendSearch:
     def _removal_orders(
         self, group: _Group, states: list[_ExampleState], requests: list[tuple[int, list[tuple[int, torch.Tensor]]]]
     ) -> list[list[int]]:
-        """Order each request's removal variants by how much they hurt the label, worst first.
+        """Order each request's removal variants by how much they hurt the label (`rank_removals`).
 
         A request is `(example, variants)`, each variant a `(start block, [L, H] gates)` pair.
-        Variants that flip the prediction come first, then the lowest remaining probability of the
-        label; ties keep the lower index first.
         """
         copies = [
             _Copy(example, start_block, head_gates=gates) for example, variants in requests for start_block, gates in variants
@@ -458,12 +502,8 @@ class HackAttendSearch:
         orders: list[list[int]] = []
         offset = 0
         for example, variants in requests:
-            rows = probabilities[offset : offset + len(variants)]
+            orders.append(rank_removals(probabilities[offset : offset + len(variants)], states[example].label))
             offset += len(variants)
-            label = states[example].label
-            remaining = rows[:, label].tolist()
-            flipped = (rows.argmax(dim=-1) != label).tolist()
-            orders.append(sorted(range(len(variants)), key=lambda index: (not flipped[index], remaining[index], index)))
         return orders
 
     def _rank_layers(self, group: _Group, states: list[_ExampleState], examples: list[int]) -> None:

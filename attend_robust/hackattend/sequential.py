@@ -24,6 +24,7 @@ from .search import (
     class_probabilities,
     count_model_evaluations,
     derived_seed,
+    rank_removals,
     record_mask,
     select_units,
     units_per_matrix,
@@ -50,11 +51,8 @@ class SequentialHackAttendSearch:
         return class_probabilities(logits)[0].cpu()
 
     def _removal_order(self, inputs, label: int, variants: list[torch.Tensor]) -> list[int]:
-        keys = []
-        for index, gates in enumerate(variants):
-            probabilities = self._probabilities(inputs, head_gates=gates)
-            keys.append((int(probabilities.argmax()) == label, float(probabilities[label]), index))
-        return [index for _, _, index in sorted(keys)]
+        rows = [self._probabilities(inputs, head_gates=gates) for gates in variants]
+        return rank_removals(torch.stack(rows), label)
 
     def attack(self, inputs: Mapping[str, torch.Tensor], label: int, example_key: str) -> SearchResult:
         """Search one example; arguments as in `HackAttendSearch.attack`."""
