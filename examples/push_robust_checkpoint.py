@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"files for {args.repo_id}:")
     for name in files_to_push(output_dir):
         print(f"  {name}")
+    if (output_dir / "finetune_args.json").is_file():
+        print(f"note: {output_dir / 'finetune_args.json'} records local paths (model and data folders); "
+              "delete it before --push if they should stay private.")
 
     if args.push:
         commit = push_to_hub(output_dir, args.repo_id, private=args.private or None)

@@ -287,6 +287,7 @@ def test_push_script_prepares_folder(sst2_run):
     assert metrics["attack_success_rate"] == pytest.approx(report["attack_success_rate"])
     assert "## S-Attend training" in card.text
     assert "Nothing was uploaded" in stdout
+    assert ("finetune_args.json" in listed) == ("records local paths" in stdout)
     assert not (sst2_run.model / "README.md").exists(), "the checkpoint itself is left unchanged"
 
 

@@ -218,6 +218,22 @@ def test_attack_command_prints_and_writes_report(victim, tokenizer, shared_data,
     assert all(record.queries <= 2 for record in read_records(output_dir / "records.jsonl"))
 
 
+def test_attack_command_records_interrupted_time(victim, tokenizer, shared_data, tmp_path, monkeypatch):
+    model_dir = tmp_path / "victim"
+    victim.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HackAttendEvaluator, "_attack_positions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["attack", "--model", str(model_dir), "--dataset", "sst2", "--data-dir", str(shared_data),
+                  "--limit", "2", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    (timing,) = json.loads((tmp_path / "out" / "wall_time.json").read_text())
+    assert timing["interrupted"] is True and timing["processes"] == 1
+
+
 def test_attack_command_rejects_caps_beyond_model(victim, tokenizer, shared_data, tmp_path):
     model_dir = tmp_path / "victim"
     victim.save_pretrained(model_dir)

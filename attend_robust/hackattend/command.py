@@ -143,7 +143,12 @@ def run_attack(args: argparse.Namespace) -> int:
         model, tokenizer, config, output_dir=args.output_dir, accelerator=accelerator,
         progress=args.progress, run_info=run_info,
     )
-    report = evaluator.evaluate(dataset)
+    try:
+        report = evaluator.evaluate(dataset)
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            _record_wall_time(args.output_dir, time.perf_counter() - started, accelerator.num_processes, True)
+        raise
 
     if accelerator.is_main_process:
         elapsed = time.perf_counter() - started
@@ -151,8 +156,18 @@ def run_attack(args: argparse.Namespace) -> int:
               f"{evaluator.config.max_layers} layers x {evaluator.config.max_heads} heads, alpha {config.alpha}")
         print(format_report(report))
         print(f"wall time of this command: {elapsed:.0f} s; report: {Path(args.output_dir) / 'report.json'}")
-        timing_path = Path(args.output_dir) / "wall_time.json"
-        timings = json.loads(timing_path.read_text()) if timing_path.exists() else []
-        timings.append({"seconds": elapsed, "processes": accelerator.num_processes})
-        timing_path.write_text(json.dumps(timings, indent=2) + "\n")
+        _record_wall_time(args.output_dir, elapsed, accelerator.num_processes, False)
     return 0
+
+
+def _record_wall_time(output_dir: str, seconds: float, processes: int, interrupted: bool) -> None:
+    """Append this invocation's wall time to OUTPUT_DIR/wall_time.json, one entry per invocation."""
+    path = Path(output_dir) / "wall_time.json"
+    if not path.parent.is_dir():  # stopped before the run created its folder
+        return
+    timings = json.loads(path.read_text()) if path.exists() else []
+    entry: dict[str, Any] = {"seconds": seconds, "processes": processes}
+    if interrupted:
+        entry["interrupted"] = True
+    timings.append(entry)
+    path.write_text(json.dumps(timings, indent=2) + "\n")

@@ -58,11 +58,13 @@ Unit = tuple[int, int, int, int, int]
 # give the budget the decimal arithmetic intends.
 _BUDGET_EPSILON = 1e-9
 
-# Removals whose remaining probabilities of the label differ by at most this much are tied. A row of
-# a batched float32 pass can differ from the same row computed alone by a few 1e-6, so removals that
-# change nothing (a head whose output is zero, layers that share weights) would otherwise be ordered
-# by rounding noise, differently in each search.
 REMOVAL_TIE_TOLERANCE = 1e-5
+"""Removals whose remaining probabilities of the label differ by at most this much are tied.
+
+A row of a batched float32 pass can differ from the same row computed alone by a few 1e-6. Without
+the tolerance, removals that change nothing (a head whose output is zero, layers that share
+weights) would be ordered by rounding noise, differently in each search.
+"""
 
 
 def units_per_matrix(alpha: float, num_tokens: int) -> int:
