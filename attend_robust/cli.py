@@ -71,7 +71,8 @@ def run(argv: list[str] | None = None) -> int:
     `ValueError`, `FileNotFoundError` and `TypeError` are what the package raises for invalid
     arguments, data and models, and `ConnectionError` what `datasets` and `huggingface_hub` raise
     when a name is not found locally and the Hub cannot be reached. Ctrl-C prints one line and
-    returns 130; `attack` logs how many examples have records, and a rerun resumes from them.
+    returns 130. Before that, `attack` logs how many examples have records, and a rerun resumes
+    from them.
     Set the environment variable `ATTEND_ROBUST_TRACEBACK=1` to see the traceback instead. Every
     other exception keeps its traceback.
     """

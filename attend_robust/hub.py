@@ -252,7 +252,7 @@ def _replace_section(text: str, section: str, body: str | None) -> str:
 
 
 def _correct_trainer_sentence(text: str, base_model: str | list[str] | None) -> str:
-    """Fix the opening sentence of `Trainer`'s card when the metadata knows more than the trainer did.
+    """Fix the opening sentence of `Trainer`'s card when the metadata has what the trainer lacked.
 
     `Trainer.create_model_card` writes "trained from scratch" when it does not know the base model,
     and "the None dataset" when its dataset has no name.

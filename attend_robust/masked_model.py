@@ -378,12 +378,12 @@ class AttentionMaskedModel(nn.Module):
 
 
 def activation_checkpointing_enabled(model: nn.Module) -> bool:
-    """Whether any module of `model` recomputes its activations in the backward pass."""
+    """Return whether any module of `model` recomputes its activations in the backward pass."""
     return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
 def checkpointing_disable_method(model: nn.Module) -> str:
-    """Name of the method that turns checkpointing off: transformers 5 renamed it during the 5.x releases."""
+    """Return the name of the method that turns checkpointing off, which transformers renamed during 5.x."""
     if hasattr(model, "activation_checkpointing_disable"):
         return "activation_checkpointing_disable"
     return "gradient_checkpointing_disable"

@@ -58,16 +58,16 @@ def load_fine_tuned(name_or_path: str, multiple_choice: bool, **kwargs: Any) -> 
 
     path = resolve_model_name_or_path(name_or_path)
     config = load_pretrained(AutoConfig.from_pretrained, name_or_path, path)
-    wanted, other = "ForSequenceClassification", "ForMultipleChoice"
+    expected, other = "ForSequenceClassification", "ForMultipleChoice"
     if multiple_choice:
-        wanted, other = other, wanted
+        expected, other = other, expected
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and all(architecture.endswith(other) for architecture in architectures):
         data_kind = "multiple choice" if multiple_choice else "classification (one text or a text pair per example)"
         raise ValueError(
             f"Model {name_or_path!r} is a {architectures[0]} checkpoint (architectures in its config.json), but "
             f"the dataset is {data_kind}. Attack it with a dataset of its own kind, or pass a model whose class "
-            f"ends in {wanted}."
+            f"ends in {expected}."
         )
     model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
     return load_pretrained(model_class.from_pretrained, name_or_path, path, config=config, **kwargs)
@@ -77,7 +77,7 @@ def load_pretrained(load: Callable[..., T], name_or_path: str, path: str | None 
     """Return `load(path, **kwargs)` for a `from_pretrained` method, and explain a failed Hub lookup.
 
     `path` defaults to `resolve_model_name_or_path(name_or_path)`. When it is not a local folder,
-    transformers asks the Hub for it, which fails with `OSError` when the Hub has no such model or
+    transformers requests it from the Hub, which fails with `OSError` when the Hub has no such model or
     cannot be reached. Because a mistyped folder looks like a Hub name (`runs/victim`), that error
     becomes a `FileNotFoundError` that also says no such folder exists. Errors from a local folder
     pass through unchanged.

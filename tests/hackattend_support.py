@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClassification
 
 from attend_robust import AttentionMaskedModel
-from attend_robust.hackattend.search import REMOVAL_TIE_TOLERANCE, candidate_units, units_per_matrix
+from attend_robust.hackattend.search import REMOVAL_TIE_LOG_ODDS, candidate_units, units_per_matrix
 
 FLIPPY_INIT = 1.0
 
@@ -86,12 +87,18 @@ def reference_search(wrapped: AttentionMaskedModel, inputs, label: int, *, alpha
             flipped = int(probabilities.argmax()) != label
             keyed.append(((not flipped), float(probabilities[label]), variant))
         keyed.sort()
-        # A variant within REMOVAL_TIE_TOLERANCE of the one before it, in the same part, joins its run of
-        # ties, and each run is listed by variant index.
+        # A variant whose log-odds of the label are within REMOVAL_TIE_LOG_ODDS of the one before it, in
+        # the same part, joins its run of ties (up to float32 rounding), and each run is listed by index.
         runs = []
         for position, (kept, remaining, variant) in enumerate(keyed):
             previous = keyed[position - 1] if position else None
-            if previous is not None and previous[0] == kept and remaining - previous[1] <= REMOVAL_TIE_TOLERANCE:
+            tied = False
+            if previous is not None and previous[0] == kept:
+                middle = (previous[1] + remaining) / 2
+                gap = remaining - previous[1]
+                spacing = float(np.spacing(np.float32(remaining)))
+                tied = gap <= REMOVAL_TIE_LOG_ODDS * middle * (1 - middle) + spacing
+            if tied:
                 runs[-1].append(variant)
             else:
                 runs.append([variant])

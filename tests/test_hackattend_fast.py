@@ -9,7 +9,7 @@ from tiny_models import ARCHITECTURES, build_tiny_model, make_batch
 
 from attend_robust import AttentionMaskedModel
 from attend_robust.hackattend import HackAttendConfig, HackAttendSearch
-from attend_robust.hackattend.search import REMOVAL_TIE_TOLERANCE, minimum_layer_evaluations, rank_removals
+from attend_robust.hackattend.search import minimum_layer_evaluations, rank_removals, removals_tied
 from attend_robust.hackattend.sequential import SequentialHackAttendSearch
 
 DECISIONS = (
@@ -213,21 +213,37 @@ def test_search_uses_first_token_passes(architecture, monkeypatch):
     assert evaluations and set(evaluations) == {architecture == "bert"}
 
 
-def test_removal_ranking_treats_near_ties_as_ties():
-    label = 0
-    # Columns: p(label), p(other). Variant 3 flips the prediction, so it comes first.
+def test_near_tied_removals_keep_index_order():
+    # Columns: p(label 0), p(other). Variant 3 flips the prediction, so it comes first. Near 0.6 the
+    # tolerance is 0.24 * 1e-5 in probability, plus one float32 spacing.
     probabilities = torch.tensor([
         [0.70, 0.30],
         [0.60, 0.40],
-        [0.60 + REMOVAL_TIE_TOLERANCE / 2, 0.40 - REMOVAL_TIE_TOLERANCE / 2],
+        [0.60 + 2e-6, 0.40 - 2e-6],
         [0.20, 0.80],
-        [0.60 - REMOVAL_TIE_TOLERANCE / 4, 0.40 + REMOVAL_TIE_TOLERANCE / 4],
+        [0.60 - 1e-6, 0.40 + 1e-6],
         [0.65, 0.35],
     ], dtype=torch.float64)
-    assert rank_removals(probabilities, label) == [3, 1, 2, 4, 5, 0]
+    assert rank_removals(probabilities, 0) == [3, 1, 2, 4, 5, 0]
     # Outside the tolerance the lower probability comes first again.
-    probabilities[4, 0] = 0.60 - 2 * REMOVAL_TIE_TOLERANCE
-    assert rank_removals(probabilities, label) == [3, 4, 1, 2, 5, 0]
+    probabilities[4] = torch.tensor([0.60 - 5e-6, 0.40 + 5e-6])
+    assert rank_removals(probabilities, 0) == [3, 4, 1, 2, 5, 0]
+
+
+@pytest.mark.parametrize(
+    "first, second, tied",
+    [
+        (0.6, 0.6 + 2e-6, True),
+        (0.6, 0.6 + 5e-6, False),
+        (0.99999, 0.99998, False),  # 0.7 apart in log-odds
+        (0.99999, 0.99999 + 2**-24, True),  # one float32 spacing
+        (1e-6, 1.1e-6, False),
+        (1e-6, 1e-6 * (1 + 5e-6), True),
+    ],
+)
+def test_removal_ties_use_log_odds(first, second, tied):
+    assert removals_tied(first, second) is tied
+    assert removals_tied(second, first) is tied
 
 
 def _zero_head_values(model, heads):
@@ -254,7 +270,7 @@ def test_tied_removals_take_sequential_order():
         _assert_same_decisions(HackAttendSearch(wrapped, config).attack_many(examples), reference, examples)
 
 
-def test_decoder_without_pad_token_runs_rows_alone():
+def test_decoder_without_pad_token_runs():
     model = build_tiny_model("gpt2", num_labels=3)
     model.config.pad_token_id = None  # as in the released GPT-2 checkpoints
     wrapped = AttentionMaskedModel(model)
@@ -267,7 +283,7 @@ def test_decoder_without_pad_token_runs_rows_alone():
     _assert_same_decisions(fast, [sequential.attack(*example) for example in examples], examples)
 
 
-def test_inputs_with_labels_or_without_mask_are_rejected(wrapped_bert):
+def test_invalid_search_inputs_rejected(wrapped_bert):
     (inputs, label, key), = _examples(wrapped_bert, 1)
     search = HackAttendSearch(wrapped_bert, HackAttendConfig())
     with pytest.raises(ValueError, match="contain 'labels'"):

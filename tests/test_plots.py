@@ -72,7 +72,8 @@ def test_runs_of_one_alpha_are_flagged(runs, caplog):
     with caplog.at_level("WARNING", logger="attend_robust.plots"):
         groups = asr_by_alpha([Run.load(path) for path in same])
     (points,) = groups.values()
-    assert len(points) == 2 and points[0] == points[1]
+    assert len(points) == 2
+    assert points[0] == points[1]
     assert f"Runs {runs[0]}, {runs[0]} share alpha" in caplog.text
 
 
@@ -165,7 +166,7 @@ def test_cli_names_missing_model_folder(tmp_path, capsys):
     assert "Traceback" not in error
 
 
-def test_cli_explains_name_neither_folder_nor_hub(tmp_path, capsys, monkeypatch):
+def test_cli_explains_unknown_model_name(tmp_path, capsys, monkeypatch):
     from attend_robust.cli import run
 
     # "runs/victim" could be a Hub name, so it goes to the Hub, which is offline in the tests.

@@ -8,8 +8,8 @@ The search, for an example the model predicts correctly:
 
 1. Rank the layers. `importance` removes all heads of one layer (head gates at 0), for each layer
    in batched forwards. Layers whose removal flips the prediction come first. The rest follow by
-   the remaining probability of the label, lowest first. Ties, up to `REMOVAL_TIE_TOLERANCE`,
-   keep the lower index first.
+   the remaining probability of the label, lowest first. Ties (`removals_tied`) keep the lower
+   index first.
 2. Score every unit once on the clean input (see `HackAttendConfig.unit_ranking`). With
    `gradient`, the units whose cross-entropy gradient dL/dp is most negative come first, because
    masking lowers their probability and so raises the loss. On the MiniLM SST-2 victim of
@@ -58,12 +58,13 @@ Unit = tuple[int, int, int, int, int]
 # give the budget the decimal arithmetic intends.
 _BUDGET_EPSILON = 1e-9
 
-REMOVAL_TIE_TOLERANCE = 1e-5
-"""Removals whose remaining probabilities of the label differ by at most this much are tied.
+REMOVAL_TIE_LOG_ODDS = 1e-5
+"""Largest difference in the log-odds of the label between two removals that count as tied.
 
-A row of a batched float32 pass can differ from the same row computed alone by a few 1e-6. Without
-the tolerance, removals that change nothing (a head whose output is zero, layers that share
-weights) would be ordered by rounding noise, differently in each search.
+A row of a batched float32 pass can differ from the same row computed alone in the last digits.
+On tiny random models, where the logits are large, identical rows differed by up to 2.4e-6 in
+probability. Without a tolerance, removals that change nothing (a head whose output is zero,
+layers that share weights) would be ordered by that noise, differently in each search.
 """
 
 
@@ -72,13 +73,26 @@ def units_per_matrix(alpha: float, num_tokens: int) -> int:
     return max(1, math.floor(alpha * num_tokens * num_tokens + _BUDGET_EPSILON))
 
 
+def removals_tied(first: float, second: float) -> bool:
+    """Return whether two remaining probabilities of the label are equal for the removal rankings.
+
+    Log-odds within `REMOVAL_TIE_LOG_ODDS` are about `p (1 - p) * REMOVAL_TIE_LOG_ODDS` apart in
+    probability. One float32 spacing at the larger value is added, because a float32 probability
+    near 1 is rounded more coarsely than that.
+    """
+    middle = (first + second) / 2
+    larger = max(first, second)
+    spacing = 2.0 ** (math.frexp(larger)[1] - 24) if larger > 0 else 0.0  # float32 has 24 significant bits
+    return abs(second - first) <= REMOVAL_TIE_LOG_ODDS * middle * (1 - middle) + spacing
+
+
 def rank_removals(probabilities: torch.Tensor, label: int) -> list[int]:
     """Order removal variants by how much they hurt the label, worst first.
 
-    `probabilities` holds one row of class probabilities per variant. Variants that flip the
+    `probabilities` contains one row of class probabilities per variant. Variants that flip the
     prediction come first, then the others. Within each part, the lowest remaining probability of
-    the label comes first. Variants within `REMOVAL_TIE_TOLERANCE` of the one before them in that
-    order are tied, and tied variants keep the lower index first.
+    the label comes first. A variant tied with the one before it in that order (`removals_tied`)
+    joins its run of ties, and each run keeps the lower index first.
     """
     flipped = (probabilities.argmax(dim=-1) != label).tolist()
     remaining = probabilities[:, label].tolist()
@@ -88,7 +102,7 @@ def rank_removals(probabilities: torch.Tensor, label: int) -> list[int]:
                          key=lambda index: (remaining[index], index))
         tied: list[int] = []
         for index in members:
-            if tied and remaining[index] - remaining[tied[-1]] > REMOVAL_TIE_TOLERANCE:
+            if tied and not removals_tied(remaining[tied[-1]], remaining[index]):
                 order.extend(sorted(tied))
                 tied = []
             tied.append(index)
@@ -262,7 +276,7 @@ class HackAttendSearch:
         self._layers_per_block = wrapped.attention_layers_per_block
         self.phases = PhaseTimes()
         # Decoder classifiers find each row's last token through `pad_token_id`, and without one they
-        # refuse passes of several rows. Their copies then run one per pass.
+        # reject passes of several rows. Their copies then run one per pass.
         self._copies_per_pass = self.config.forward_batch_size
         if getattr(wrapped.config, "pad_token_id", None) is None and not wrapped.supports_first_token_only:
             self._copies_per_pass = 1
