@@ -46,13 +46,13 @@ _KNOWN_DATASETS: dict[str, tuple[str, str | None, str]] = {
     "dream": ("dataset-org/dream", None, "DREAM"),
 }
 _HUB_SPLIT_NAMES = {"dev": "validation"}
-# Examples in the splits of the built-in datasets, to tell a whole split from a sample of it.
+# Examples in the local splits of the built-in datasets (GLUE SST-2, and DREAM questions), to tell
+# a whole split from a sample of it.
 _SPLIT_SIZES: dict[tuple[str, str], int] = {
     ("sst2", "train"): 67349,
     ("sst2", "validation"): 872,
     ("dream", "train"): 6116,
     ("dream", "validation"): 2040,
-    ("dream", "test"): 2041,
 }
 _TASK_NAMES = {"text-classification": "Text Classification", "multiple-choice": "Multiple Choice"}
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
@@ -143,11 +143,12 @@ class HackAttendResult:
 
     @property
     def hub_split(self) -> str:
+        """Split name as the Hub spells it (`validation` for `dev`)."""
         return _HUB_SPLIT_NAMES.get(self.split, self.split)
 
     @property
     def split_size(self) -> int | None:
-        """Examples in the whole split, for the built-in datasets; None when unknown."""
+        """Number of examples in the whole split of a built-in dataset, or None when it is not known."""
         return _SPLIT_SIZES.get((self.dataset.lower(), self.hub_split))
 
     @property
