@@ -51,12 +51,18 @@ def load_fine_tuned(name_or_path: str, multiple_choice: bool, **kwargs: Any) -> 
     The name goes through `resolve_model_name_or_path`, and `kwargs` go to `from_pretrained`. A
     checkpoint whose `config.json` names only heads of the other kind (for example
     `BertForMultipleChoice` for a classification dataset) raises `ValueError` before its weights
-    load. A name that is neither a local folder nor a model the Hub can provide raises
-    `FileNotFoundError` (see `load_pretrained`).
+    load. A PEFT adapter folder loads as transformers loads it, on the base model that its
+    `adapter_config.json` names. A name that is neither a local folder nor a model the Hub can
+    provide raises `FileNotFoundError` (see `load_pretrained`).
     """
     from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
     path = resolve_model_name_or_path(name_or_path)
+    model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        # A PEFT adapter: transformers loads the base model it names and puts the adapter on it.
+        return load_pretrained(model_class.from_pretrained, name_or_path, path, **kwargs)
     config = load_pretrained(AutoConfig.from_pretrained, name_or_path, path)
     expected, other = "ForSequenceClassification", "ForMultipleChoice"
     if multiple_choice:
@@ -69,7 +75,6 @@ def load_fine_tuned(name_or_path: str, multiple_choice: bool, **kwargs: Any) -> 
             f"the dataset is {data_kind}. Attack it with a dataset of its own kind, or pass a model whose class "
             f"ends in {expected}."
         )
-    model_class = AutoModelForMultipleChoice if multiple_choice else AutoModelForSequenceClassification
     return load_pretrained(model_class.from_pretrained, name_or_path, path, config=config, **kwargs)
 
 
@@ -79,7 +84,7 @@ def load_pretrained(load: Callable[..., T], name_or_path: str, path: str | None 
     `path` defaults to `resolve_model_name_or_path(name_or_path)`. When it is not a local folder,
     transformers requests it from the Hub, which fails with `OSError` when the Hub has no such model or
     cannot be reached. Because a mistyped folder looks like a Hub name (`runs/victim`), that error
-    becomes a `FileNotFoundError` that also says no such folder exists. Errors from a local folder
+    becomes a `FileNotFoundError` that also states that no such folder exists. Errors from a local folder
     pass through unchanged.
     """
     from huggingface_hub.errors import HFValidationError
