@@ -82,10 +82,10 @@ def load_pretrained(load: Callable[..., T], name_or_path: str, path: str | None 
     """Return `load(path, **kwargs)` for a `from_pretrained` method, and explain a failed Hub lookup.
 
     `path` defaults to `resolve_model_name_or_path(name_or_path)`. When it is not a local folder,
-    transformers requests it from the Hub, which fails with `OSError` when the Hub has no such model or
-    cannot be reached. Because a mistyped folder looks like a Hub name (`runs/victim`), that error
-    becomes a `FileNotFoundError` that also states that no such folder exists. Errors from a local folder
-    pass through unchanged.
+    transformers requests it from the Hub, which fails with `OSError` when the Hub has no such
+    model or cannot be reached. Because a mistyped folder looks like a Hub name (`runs/victim`),
+    that error becomes a `FileNotFoundError` that also states that no such folder exists. Errors
+    from a local folder pass through unchanged.
     """
     from huggingface_hub.errors import HFValidationError
 
