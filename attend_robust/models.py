@@ -64,9 +64,8 @@ def load_fine_tuned(name_or_path: str, multiple_choice: bool, **kwargs: Any) -> 
         # A PEFT adapter: transformers loads the base model it names and puts the adapter on it.
         return load_pretrained(model_class.from_pretrained, name_or_path, path, **kwargs)
     config = load_pretrained(AutoConfig.from_pretrained, name_or_path, path)
-    expected, other = "ForSequenceClassification", "ForMultipleChoice"
-    if multiple_choice:
-        expected, other = other, expected
+    expected = "ForMultipleChoice" if multiple_choice else "ForSequenceClassification"
+    other = "ForSequenceClassification" if multiple_choice else "ForMultipleChoice"
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and all(architecture.endswith(other) for architecture in architectures):
         data_kind = "multiple choice" if multiple_choice else "classification (one text or a text pair per example)"
